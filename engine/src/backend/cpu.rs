@@ -1,0 +1,260 @@
+//! The CPU backend, in two modes sharing everything but the matmul:
+//! - [`CpuMode::Exact`], the reference: every weight row is dequantized to f32 and
+//!   multiplied in f32, one plain loop per output value. Every GPU kernel is tested against it.
+//! - [`CpuMode::Fast`]: activations are quantized per 32-value block and multiplied
+//!   straight against the weights' blocks with integer SIMD dot products (see [`super::dot`]),
+//!   multi-threaded over output rows. No dequantized copy of the model exists.
+
+use super::dot::{self, Q8Row};
+use super::{AttnShape, Backend, Rope};
+use crate::gguf::{Gguf, MappedBytes, TensorInfo};
+use crate::quant::{dequantize, GgmlType, Q8Act, QK};
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuMode {
+    Exact,
+    Fast,
+}
+
+pub struct Cpu {
+    pub mode: CpuMode,
+    simd: bool,
+}
+
+impl Cpu {
+    pub fn new(mode: CpuMode) -> Self {
+        Cpu { mode, simd: dot::has_avx2() }
+    }
+    /// The fast mode without SIMD (to test the SIMD kernels against the scalar ones).
+    pub fn scalar_fast() -> Self {
+        Cpu { mode: CpuMode::Fast, simd: false }
+    }
+}
+
+/// A weight tensor left in the model file's memory map.
+pub struct CpuWeight {
+    pub bytes: MappedBytes,
+    pub ty: GgmlType,
+    pub k: usize,    // values per row
+    pub rows: usize, // number of rows
+}
+
+impl CpuWeight {
+    pub fn row_bytes(&self) -> usize {
+        self.k / self.ty.block_size() * self.ty.type_size()
+    }
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes[r * rb..(r + 1) * rb]
+    }
+    fn dequant_row(&self, r: usize, out: &mut [f32]) {
+        dequantize(self.ty, self.row(r), out).expect("row length checked at load");
+    }
+}
+
+/// Raw output pointer shared by the threads of one matmul; each writes disjoint indices.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the matmul threads write disjoint elements and the owner waits for them all.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl Backend for Cpu {
+    type Weight = CpuWeight;
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        match self.mode {
+            CpuMode::Exact => "cpu-ref (exact f32)".into(),
+            CpuMode::Fast => format!(
+                "cpu ({} threads, {})",
+                rayon::current_num_threads(),
+                if self.simd { "avx2" } else { "scalar" }
+            ),
+        }
+    }
+
+    fn load_weight(&self, file: &Gguf, t: &TensorInfo) -> Result<CpuWeight> {
+        if !t.ty.is_supported() {
+            bail!("tensor {:?} has type {}, which Flint does not support (F32, F16, BF16, Q8_0, Q4_0, Q4_1)", t.name, t.ty);
+        }
+        let (k, rows) = t.rows_cols();
+        Ok(CpuWeight { bytes: file.tensor_bytes(t), ty: t.ty, k, rows })
+    }
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn grow(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
+        if len > buf.len() {
+            buf.resize(len, 0.0);
+        }
+        Ok(())
+    }
+
+    fn embed(&self, table: &CpuWeight, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        for (t, &id) in tokens.iter().enumerate() {
+            if id as usize >= table.rows {
+                bail!("token id {id} is outside the vocabulary of {}", table.rows);
+            }
+            table.dequant_row(id as usize, &mut out[t * table.k..(t + 1) * table.k]);
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, w: &CpuWeight, eps: f32, n: usize, dim: usize, out: &mut Vec<f32>) -> Result<()> {
+        let mut wf = vec![0f32; dim];
+        w.dequant_row(0, &mut wf);
+        for (xr, or) in x[..n * dim].chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let scale = 1.0 / (ss + eps).sqrt();
+            for ((o, v), g) in or.iter_mut().zip(xr).zip(&wf) {
+                *o = v * scale * g;
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, w: &CpuWeight, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        let (k, m) = (w.k, w.rows);
+        debug_assert!(x.len() >= n * k && out.len() >= n * m);
+        let o = OutPtr(out.as_mut_ptr());
+        // Rows per task: enough work to amortise scheduling, enough tasks to balance.
+        let chunk = (m / (rayon::current_num_threads() * 8)).clamp(8, 256);
+        let quantized = matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+        match self.mode {
+            CpuMode::Exact => {
+                (0..m).into_par_iter().with_min_len(chunk).for_each_init(
+                    || vec![0f32; k],
+                    |row, r| {
+                        w.dequant_row(r, row);
+                        for t in 0..n {
+                            let xr = &x[t * k..(t + 1) * k];
+                            let mut s = 0f32;
+                            for (a, b) in row.iter().zip(xr) {
+                                s += a * b;
+                            }
+                            // SAFETY: (t, r) is written by this task alone, inside out's n*m values.
+                            unsafe { *{ o }.0.add(t * m + r) = s };
+                        }
+                    },
+                );
+            }
+            CpuMode::Fast if quantized => {
+                let mut act = Q8Act::default();
+                act.quantize_into(&x[..n * k]);
+                let nb = k / QK;
+                let simd = self.simd;
+                (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                    let rows = c * chunk..((c + 1) * chunk).min(m);
+                    for t in 0..n {
+                        let a = Q8Row {
+                            qs: &act.qs[t * k..(t + 1) * k],
+                            d: &act.d[t * nb..(t + 1) * nb],
+                            s: &act.s[t * nb..(t + 1) * nb],
+                        };
+                        for r in rows.clone() {
+                            let v = dot::dot_q(w.ty, w.row(r), a, simd);
+                            // SAFETY: as above, (t, r) belongs to this task's rows.
+                            unsafe { *{ o }.0.add(t * m + r) = v };
+                        }
+                    }
+                });
+            }
+            CpuMode::Fast => {
+                (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                    for r in c * chunk..((c + 1) * chunk).min(m) {
+                        for t in 0..n {
+                            let v = dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]);
+                            // SAFETY: as above.
+                            unsafe { *{ o }.0.add(t * m + r) = v };
+                        }
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()> {
+        let half = rope.dims / 2;
+        let mut cs = vec![(0f32, 0f32); half];
+        for t in 0..n {
+            let p = (pos0 + t) as f64;
+            for (c, f) in cs.iter_mut().zip(&rope.inv_freq) {
+                let (s, co) = (p * *f as f64).sin_cos();
+                *c = (co as f32, s as f32);
+            }
+            let row = &mut x[t * n_heads * head_dim..(t + 1) * n_heads * head_dim];
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, &(c, s)) in cs.iter().enumerate() {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * c - b * s;
+                    head[2 * i + 1] = a * s + b * c;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &Vec<f32>, src_row: usize, dst: &mut Vec<f32>, dst_row: usize, n: usize, width: usize) -> Result<()> {
+        dst[dst_row * width..(dst_row + n) * width].copy_from_slice(&src[src_row * width..(src_row + n) * width]);
+        Ok(())
+    }
+
+    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, out: &mut Vec<f32>, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
+        let (hd, kvd) = (s.head_dim, s.kv_dim());
+        let group = s.n_head / s.n_kv_head;
+        let scale = 1.0 / (hd as f32).sqrt();
+        out[..n * s.q_dim()].par_chunks_mut(hd).enumerate().for_each_init(
+            || Vec::with_capacity(pos0 + n),
+            |scores: &mut Vec<f32>, (i, o)| {
+                let (t, h) = (i / s.n_head, i % s.n_head);
+                let qh = &q[i * hd..(i + 1) * hd];
+                let kvo = (h / group) * hd;
+                let len = pos0 + t + 1; // causal: this row sees positions 0..=pos0+t
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..len {
+                    let kr = &k[j * kvd + kvo..j * kvd + kvo + hd];
+                    let d = qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(d);
+                    scores.push(d);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                o.fill(0.0);
+                for (j, p) in scores.iter().enumerate() {
+                    let vr = &v[j * kvd + kvo..j * kvd + kvo + hd];
+                    let p = p / sum;
+                    for (a, b) in o.iter_mut().zip(vr) {
+                        *a += p * b;
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
+        for (g, u) in gate[..len].iter_mut().zip(&up[..len]) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) -> Result<()> {
+        x[..len].iter_mut().zip(&y[..len]).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn read(&self, x: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        Ok(x[offset..offset + len].to_vec())
+    }
+}

@@ -1,0 +1,215 @@
+//! Dot products straight from quantized weight blocks (the fast CPU path).
+//!
+//! Weights stay in their GGUF blocks; activations are quantized once per matmul to
+//! [`Q8Act`] blocks, so a Q4/Q8 block dot product is an exact integer sum scaled once.
+//! Each kernel has a scalar version (portable, and the oracle for the SIMD one) and an
+//! AVX2 version picked at run time.
+
+use crate::quant::{GgmlType, QK};
+use half::{bf16, f16};
+
+/// One token's activations, quantized (see [`crate::quant::Q8Act`]).
+#[derive(Clone, Copy)]
+pub struct Q8Row<'a> {
+    pub qs: &'a [i8], // (k)
+    pub d: &'a [f32], // (k / 32)
+    pub s: &'a [f32], // (k / 32)
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Dot product of one quantized weight row (`Q4_0`, `Q4_1` or `Q8_0`) with quantized activations.
+#[inline]
+pub fn dot_q(ty: GgmlType, row: &[u8], a: Q8Row, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when has_avx2() reported AVX2 and FMA.
+        return unsafe {
+            match ty {
+                GgmlType::Q4_0 => avx2::dot_q4_0(row, a),
+                GgmlType::Q4_1 => avx2::dot_q4_1(row, a),
+                _ => avx2::dot_q8_0(row, a),
+            }
+        };
+    }
+    let _ = simd;
+    match ty {
+        GgmlType::Q4_0 => scalar::dot_q4_0(row, a),
+        GgmlType::Q4_1 => scalar::dot_q4_1(row, a),
+        _ => scalar::dot_q8_0(row, a),
+    }
+}
+
+/// Dot product of a float weight row (`F32`, `F16`, `BF16`) with f32 activations.
+pub fn dot_float(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    // Chunks of 8 independent lanes so the compiler can keep them in one vector register.
+    let mut acc = [0f32; 8];
+    let mut buf = [0f32; 64];
+    let es = ty.type_size();
+    for (xc, rc) in x.chunks(64).zip(row.chunks(64 * es)) {
+        let n = xc.len();
+        let w = &mut buf[..n];
+        match ty {
+            GgmlType::F32 => w.copy_from_slice(bytemuck::cast_slice(rc)),
+            GgmlType::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                let h: &[f16] = bytemuck::cast_slice(rc);
+                h.convert_to_f32_slice(w);
+            }
+            _ => {
+                for (o, c) in w.iter_mut().zip(rc.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+        for (i, (a, b)) in w.iter().zip(xc).enumerate() {
+            acc[i & 7] += a * b;
+        }
+    }
+    acc.iter().sum()
+}
+
+pub mod scalar {
+    use super::*;
+
+    pub fn dot_q4_0(row: &[u8], a: Q8Row) -> f32 {
+        let mut sum = 0f32;
+        for (i, b) in row.chunks_exact(18).enumerate() {
+            let q8 = &a.qs[i * QK..(i + 1) * QK];
+            let mut isum = 0i32;
+            for j in 0..16 {
+                isum += ((b[2 + j] & 15) as i32 - 8) * q8[j] as i32;
+                isum += ((b[2 + j] >> 4) as i32 - 8) * q8[j + 16] as i32;
+            }
+            sum += f16_at(b, 0) * a.d[i] * isum as f32;
+        }
+        sum
+    }
+
+    pub fn dot_q4_1(row: &[u8], a: Q8Row) -> f32 {
+        let mut sum = 0f32;
+        for (i, b) in row.chunks_exact(20).enumerate() {
+            let q8 = &a.qs[i * QK..(i + 1) * QK];
+            let mut isum = 0i32;
+            for j in 0..16 {
+                isum += (b[4 + j] & 15) as i32 * q8[j] as i32;
+                isum += (b[4 + j] >> 4) as i32 * q8[j + 16] as i32;
+            }
+            sum += f16_at(b, 0) * a.d[i] * isum as f32 + f16_at(b, 2) * a.s[i];
+        }
+        sum
+    }
+
+    pub fn dot_q8_0(row: &[u8], a: Q8Row) -> f32 {
+        let mut sum = 0f32;
+        for (i, b) in row.chunks_exact(34).enumerate() {
+            let q8 = &a.qs[i * QK..(i + 1) * QK];
+            let isum: i32 = (0..QK).map(|j| (b[2 + j] as i8) as i32 * q8[j] as i32).sum();
+            sum += f16_at(b, 0) * a.d[i] * isum as f32;
+        }
+        sum
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// 16 packed bytes -> 32 nibbles: low nibbles in lanes 0..16, high nibbles in 16..32,
+    /// matching the GGUF order of values within a block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(15);
+        let lo = _mm_and_si128(b, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Sum of u8 x i8 products over 32 lanes, as 8 f32 partial sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+        // maddubs: pairs of u8*i8 summed to i16; |15*127*2| and |127*128*2| fit in i16.
+        let p16 = _mm256_maddubs_epi16(u, s);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_1(row: &[u8], a: Q8Row) -> f32 {
+        let nb = row.len() / 20;
+        debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut macc = 0f32;
+        for i in 0..nb {
+            let b = row.as_ptr().add(i * 20);
+            let q4 = nibbles(b.add(4));
+            let q8 = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
+            let p = dot_u8_i8(q4, q8);
+            let d = f16_at(row, i * 20) * *a.d.get_unchecked(i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
+            macc += f16_at(row, i * 20 + 2) * *a.s.get_unchecked(i);
+        }
+        hsum(acc) + macc
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_0(row: &[u8], a: Q8Row) -> f32 {
+        let nb = row.len() / 18;
+        debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0f32;
+        for i in 0..nb {
+            let b = row.as_ptr().add(i * 18);
+            let q4 = nibbles(b.add(2));
+            let q8 = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
+            let p = dot_u8_i8(q4, q8);
+            let d = f16_at(row, i * 18);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *a.d.get_unchecked(i)), p, acc);
+            // (q - 8) . q8 = q . q8 - 8 * sum(q8), and d8 * sum(q8) is s.
+            corr += 8.0 * d * *a.s.get_unchecked(i);
+        }
+        hsum(acc) - corr
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0(row: &[u8], a: Q8Row) -> f32 {
+        let nb = row.len() / 34;
+        debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..nb {
+            let w = _mm256_loadu_si256(row.as_ptr().add(i * 34 + 2) as *const __m256i);
+            let x = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
+            // |w| x (x with w's sign) = w x, with the unsigned operand maddubs needs.
+            let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+            let d = f16_at(row, i * 34) * *a.d.get_unchecked(i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
+        }
+        hsum(acc)
+    }
+}

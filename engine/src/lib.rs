@@ -1,0 +1,86 @@
+//! Flint: real-time, low-latency LLM decoding.
+//!
+//! - [`gguf`]: memory-mapped GGUF reader and streaming writer.
+//! - [`quant`]: GGML block formats.
+//! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming detokenizer, chat template.
+//! - [`backend`]: the op-level [`backend::Backend`] trait and the CPU backends.
+//! - [`model`]: the Llama forward pass, written once against the trait.
+//! - [`sampler`], [`generate`]: sampling and the streaming, cancellable decode loop.
+//! - [`synth`], [`pull`], [`bench`]: synthetic models, the default model, benchmarks.
+
+pub mod backend;
+pub mod bench;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod pull;
+pub mod quant;
+pub mod sampler;
+pub mod synth;
+pub mod tokenizer;
+
+use anyhow::{bail, Result};
+use backend::cpu::{Cpu, CpuMode};
+use model::{Forward, Model, Runner};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Backends selectable at run time (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Fast CPU path: quantized SIMD dot products, multi-threaded.
+    Cpu,
+    /// Exact CPU reference: f32 math on dequantized weights.
+    CpuRef,
+    Cuda,
+    Wgpu,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "cpu" => BackendKind::Cpu,
+            "cpu-ref" => BackendKind::CpuRef,
+            "cuda" => BackendKind::Cuda,
+            "wgpu" => BackendKind::Wgpu,
+            other => bail!("unknown backend {other:?} (cpu, cpu-ref, cuda, wgpu)"),
+        })
+    }
+}
+
+/// A loaded model file: the parsed GGUF, its tokenizer and configuration.
+pub struct Loaded {
+    pub gguf: gguf::Gguf,
+    pub tokenizer: Arc<tokenizer::Tokenizer>,
+    pub config: model::Config,
+}
+
+impl Loaded {
+    pub fn open(path: &Path) -> Result<Self> {
+        let gguf = gguf::Gguf::open(path)?;
+        let config = model::Config::from_gguf(&gguf)?;
+        let tokenizer = Arc::new(tokenizer::Tokenizer::from_gguf(&gguf)?);
+        if tokenizer.vocab_size() != config.n_vocab {
+            bail!("the tokenizer has {} tokens but the model's vocabulary is {}", tokenizer.vocab_size(), config.n_vocab);
+        }
+        Ok(Loaded { gguf, tokenizer, config })
+    }
+
+    /// Weights on `kind`'s device and a session whose KV cache starts at `capacity` positions.
+    pub fn runner(&self, kind: BackendKind, capacity: usize) -> Result<Box<dyn Forward>> {
+        match kind {
+            BackendKind::Cpu | BackendKind::CpuRef => {
+                let mode = if kind == BackendKind::Cpu { CpuMode::Fast } else { CpuMode::Exact };
+                let model = Arc::new(Model::load(Cpu::new(mode), &self.gguf)?);
+                Ok(Box::new(Runner::new(model, capacity)?))
+            }
+            BackendKind::Cuda => bail!("the cuda backend is not in this build yet; use --backend cpu"),
+            BackendKind::Wgpu => bail!("the wgpu backend is not in this build yet; use --backend cpu"),
+        }
+    }
+
+    pub fn engine(&self, kind: BackendKind, capacity: usize) -> Result<generate::Engine> {
+        Ok(generate::Engine::new(self.runner(kind, capacity)?, self.tokenizer.clone()))
+    }
+}

@@ -1,0 +1,243 @@
+//! GGML tensor types: block layouts, dequantization and quantization, exactly as in GGUF.
+//!
+//! Block layouts (little endian, `d`/`m` are IEEE f16):
+//! - `Q4_0`: 32 values in 18 bytes: `d`, `qs[16]`. Value `j` (0..16) is `(qs[j] & 15) - 8`,
+//!   value `j + 16` is `(qs[j] >> 4) - 8`; `x = d * q`.
+//! - `Q4_1`: 32 values in 20 bytes: `d`, `m`, `qs[16]`, nibbles as Q4_0 but unsigned; `x = d * q + m`.
+//! - `Q8_0`: 32 values in 34 bytes: `d`, `qs[32]` (i8); `x = d * q`.
+//! - `F32`, `F16`, `BF16`: one value per element.
+
+use anyhow::{bail, Result};
+use half::{bf16, f16};
+
+/// Values per block of every quantized type Flint computes with.
+pub const QK: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+    BF16,
+}
+
+/// (type, ggml id, name, values per block, bytes per block)
+const TYPES: &[(GgmlType, u32, &str, usize, usize)] = &[
+    (GgmlType::F32, 0, "F32", 1, 4),
+    (GgmlType::F16, 1, "F16", 1, 2),
+    (GgmlType::Q4_0, 2, "Q4_0", 32, 18),
+    (GgmlType::Q4_1, 3, "Q4_1", 32, 20),
+    (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
+    (GgmlType::Q5_1, 7, "Q5_1", 32, 24),
+    (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
+    (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
+    (GgmlType::Q2K, 10, "Q2_K", 256, 84),
+    (GgmlType::Q3K, 11, "Q3_K", 256, 110),
+    (GgmlType::Q4K, 12, "Q4_K", 256, 144),
+    (GgmlType::Q5K, 13, "Q5_K", 256, 176),
+    (GgmlType::Q6K, 14, "Q6_K", 256, 210),
+    (GgmlType::Q8K, 15, "Q8_K", 256, 292),
+    (GgmlType::I8, 24, "I8", 1, 1),
+    (GgmlType::I16, 25, "I16", 1, 2),
+    (GgmlType::I32, 26, "I32", 1, 4),
+    (GgmlType::I64, 27, "I64", 1, 8),
+    (GgmlType::F64, 28, "F64", 1, 8),
+    (GgmlType::BF16, 30, "BF16", 1, 2),
+];
+
+impl GgmlType {
+    fn row(self) -> &'static (GgmlType, u32, &'static str, usize, usize) {
+        TYPES.iter().find(|t| t.0 == self).expect("every variant is in TYPES")
+    }
+    pub fn from_id(id: u32) -> Option<Self> {
+        TYPES.iter().find(|t| t.1 == id).map(|t| t.0)
+    }
+    pub fn from_name(name: &str) -> Option<Self> {
+        TYPES.iter().find(|t| t.2.eq_ignore_ascii_case(name)).map(|t| t.0)
+    }
+    pub fn id(self) -> u32 {
+        self.row().1
+    }
+    pub fn name(self) -> &'static str {
+        self.row().2
+    }
+    pub fn block_size(self) -> usize {
+        self.row().3
+    }
+    pub fn type_size(self) -> usize {
+        self.row().4
+    }
+    /// Types Flint can dequantize and multiply with.
+    pub fn is_supported(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::BF16 | Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+    }
+    /// Bytes taken by `n` values, or None when `n` is not a whole number of blocks.
+    pub fn bytes_for(self, n: u64) -> Option<u64> {
+        let bs = self.block_size() as u64;
+        if n % bs != 0 {
+            return None;
+        }
+        (n / bs).checked_mul(self.type_size() as u64)
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantize `out.len()` values from `data`, which starts on a block boundary.
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
+    let n = out.len();
+    let need = ty.bytes_for(n as u64).ok_or_else(|| {
+        anyhow::anyhow!("{n} values are not a whole number of {ty} blocks")
+    })? as usize;
+    if data.len() < need {
+        bail!("{ty}: {n} values need {need} bytes, have {}", data.len());
+    }
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(data.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(data.chunks_exact(18)) {
+                let d = f16_at(b, 0);
+                for j in 0..16 {
+                    o[j] = d * ((b[2 + j] & 15) as i32 - 8) as f32;
+                    o[j + 16] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(data.chunks_exact(20)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                for j in 0..16 {
+                    o[j] = d * (b[4 + j] & 15) as f32 + m;
+                    o[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(data.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for j in 0..QK {
+                    o[j] = d * (b[2 + j] as i8) as f32;
+                }
+            }
+        }
+        other => bail!("tensor type {other} is not supported (Flint computes with F32, F16, BF16, Q8_0, Q4_0, Q4_1)"),
+    }
+    Ok(())
+}
+
+/// Quantize `x` (a whole number of blocks) into `ty`, appending to `out`.
+/// Rounding follows ggml's reference quantizers (`quantize_row_*_ref`).
+pub fn quantize(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    if ty.bytes_for(x.len() as u64).is_none() {
+        bail!("{} values are not a whole number of {ty} blocks", x.len());
+    }
+    match ty {
+        GgmlType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        GgmlType::F16 => x.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        GgmlType::BF16 => x.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for b in x.chunks_exact(QK) {
+                let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in x.chunks_exact(QK) {
+                // The value of largest magnitude maps to -8, keeping its sign.
+                let max = b.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                let q = |v: f32| ((v * id + 8.5) as i32).min(15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for b in x.chunks_exact(QK) {
+                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).min(15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        other => bail!("Flint cannot write tensors of type {other}"),
+    }
+    Ok(())
+}
+
+/// Activations quantized to 8 bits per 32-value block, the right-hand side of the fast
+/// integer dot products (the same scheme as ggml's Q8_1: `x ~= d * q`, plus `s = d * sum(q)`).
+#[derive(Default, Clone)]
+pub struct Q8Act {
+    pub qs: Vec<i8>,  // (n)
+    pub d: Vec<f32>,  // (n / 32)
+    pub s: Vec<f32>,  // (n / 32): d * sum(qs of the block)
+}
+
+impl Q8Act {
+    pub fn quantize_into(&mut self, x: &[f32]) {
+        debug_assert!(x.len() % QK == 0);
+        let nb = x.len() / QK;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        for (b, (xb, qb)) in x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+                sum += *q as i32;
+            }
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded.
+//!
+//! Order, as in llama.cpp's default chain: repetition penalty, then (unless greedy)
+//! top-k, top-p, min-p on the temperature-scaled distribution, then one draw.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct SamplerConfig {
+    /// 0 (or below): greedy.
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: usize,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// 1: off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig { temperature: 0.0, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+    }
+}
+
+impl SamplerConfig {
+    pub fn greedy() -> Self {
+        SamplerConfig { temperature: 0.0, ..Default::default() }
+    }
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let bad = |what: &str| Err(anyhow::anyhow!("invalid sampling parameter: {what}"));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad("temperature must be a number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return bad("repeat_penalty must be > 0");
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    pub cfg: SamplerConfig,
+    rng: ChaCha8Rng,
+    cand: Vec<(u32, f32)>,
+}
+
+/// Index of the largest value (the first one on ties); `None` for an empty slice.
+pub fn argmax(x: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in x.iter().enumerate() {
+        if best.map_or(true, |(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i as u32)
+}
+
+impl Sampler {
+    pub fn new(cfg: SamplerConfig) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        Sampler { cfg, rng, cand: Vec::new() }
+    }
+
+    /// Pick the next token from `logits` (modified in place by the penalty); `history`
+    /// is the context so far, for the repetition penalty.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let c = &self.cfg;
+        if c.repeat_penalty != 1.0 {
+            let recent = &history[history.len().saturating_sub(c.repeat_last_n)..];
+            let mut seen = std::collections::HashSet::new();
+            for &t in recent {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    if seen.insert(t) {
+                        *l = if *l > 0.0 { *l / c.repeat_penalty } else { *l * c.repeat_penalty };
+                    }
+                }
+            }
+        }
+        if c.temperature <= 0.0 {
+            return argmax(logits).unwrap_or(0);
+        }
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)));
+        if cand.is_empty() {
+            return 0;
+        }
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if c.top_k > 0 && c.top_k < cand.len() {
+            cand.select_nth_unstable_by(c.top_k - 1, by_logit);
+            cand.truncate(c.top_k);
+        }
+        cand.sort_unstable_by(by_logit);
+        // Softmax of logits / temperature, largest first.
+        let max = cand[0].1;
+        let mut sum = 0f32;
+        for x in cand.iter_mut() {
+            x.1 = ((x.1 - max) / c.temperature).exp();
+            sum += x.1;
+        }
+        cand.iter_mut().for_each(|x| x.1 /= sum);
+        if c.top_p < 1.0 {
+            let mut acc = 0f32;
+            let keep = cand.iter().position(|x| {
+                acc += x.1;
+                acc >= c.top_p
+            });
+            cand.truncate(keep.map_or(cand.len(), |k| k + 1));
+        }
+        if c.min_p > 0.0 {
+            let floor = cand[0].1 * c.min_p;
+            let keep = cand.iter().take_while(|x| x.1 >= floor).count().max(1);
+            cand.truncate(keep);
+        }
+        let total: f32 = cand.iter().map(|x| x.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for x in cand.iter() {
+            r -= x.1;
+            if r <= 0.0 {
+                return x.0;
+            }
+        }
+        cand.last().expect("non-empty").0
+    }
+}
