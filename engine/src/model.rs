@@ -295,9 +295,7 @@ impl<B: Backend> Session<B> {
         for (li, l) in m.layers.iter().enumerate() {
             // Attention block.
             b.rmsnorm(&self.x, &l.attn_norm, c.eps, n, d, &mut self.xb)?;
-            b.matmul(&l.wq, &self.xb, n, &mut self.q)?;
-            b.matmul(&l.wk, &self.xb, n, &mut self.k)?;
-            b.matmul(&l.wv, &self.xb, n, &mut self.v)?;
+            b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xb, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
             b.rope(&mut self.q, n, c.n_head, c.head_dim, pos0, &m.rope)?;
             b.rope(&mut self.k, n, c.n_kv_head, c.head_dim, pos0, &m.rope)?;
             b.copy_rows(&self.k, 0, &mut self.k_cache[li], pos0, n, kvd)?;
@@ -307,8 +305,7 @@ impl<B: Backend> Session<B> {
             b.add(&mut self.x, &self.xb, n * d)?;
             // Feed-forward block.
             b.rmsnorm(&self.x, &l.ffn_norm, c.eps, n, d, &mut self.xb)?;
-            b.matmul(&l.w_gate, &self.xb, n, &mut self.gate)?;
-            b.matmul(&l.w_up, &self.xb, n, &mut self.up)?;
+            b.matmul_many(&[&l.w_gate, &l.w_up], &self.xb, n, &mut [&mut self.gate, &mut self.up])?;
             b.swiglu(&mut self.gate, &self.up, n * c.n_ff)?;
             b.matmul(&l.w_down, &self.gate, n, &mut self.xb)?;
             b.add(&mut self.x, &self.xb, n * d)?;

@@ -119,37 +119,56 @@ impl Backend for Cpu {
     }
 
     fn matmul(&self, w: &CpuWeight, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
-        let (k, m) = (w.k, w.rows);
-        debug_assert!(x.len() >= n * k && out.len() >= n * m);
-        let o = OutPtr(out.as_mut_ptr());
-        // Rows per task: enough work to amortise scheduling, enough tasks to balance.
-        let chunk = (m / (rayon::current_num_threads() * 8)).clamp(8, 256);
-        let quantized = matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
-        match self.mode {
-            CpuMode::Exact => {
-                (0..m).into_par_iter().with_min_len(chunk).for_each_init(
-                    || vec![0f32; k],
-                    |row, r| {
+        self.matmul_many(&[w], x, n, &mut [out])
+    }
+
+    fn matmul_many(&self, ws: &[&CpuWeight], x: &Vec<f32>, n: usize, outs: &mut [&mut Vec<f32>]) -> Result<()> {
+        let k = ws[0].k;
+        if ws.iter().any(|w| w.k != k) || ws.len() != outs.len() {
+            bail!("matmul_many: weights of different row lengths");
+        }
+        for (w, o) in ws.iter().zip(outs.iter()) {
+            debug_assert!(x.len() >= n * k && o.len() >= n * w.rows);
+        }
+        let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+        // Tasks of `chunk` rows over all the weights: enough work each to amortise the
+        // scheduling, enough tasks to balance the threads.
+        let total: usize = ws.iter().map(|w| w.rows).sum();
+        let chunk = (total / (rayon::current_num_threads() * 8)).clamp(8, 256);
+        let tasks: Vec<(usize, usize)> = ws
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| (0..w.rows).step_by(chunk).map(move |r| (i, r)))
+            .collect();
+        let quantized = |w: &CpuWeight| matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+        let mut act = Q8Act::default();
+        if self.mode == CpuMode::Fast && ws.iter().any(|w| quantized(w)) {
+            act.quantize_into(&x[..n * k]);
+        }
+        let nb = k / QK;
+        let simd = self.simd;
+        let exact = self.mode == CpuMode::Exact;
+        tasks.par_iter().for_each_init(
+            || vec![0f32; if exact { k } else { 0 }],
+            |row, &(i, r0)| {
+                let w = ws[i];
+                let (m, o) = (w.rows, ptrs[i]);
+                let rows = r0..(r0 + chunk).min(m);
+                // SAFETY (every write below): (t, r) with r in this task's rows is written by
+                // this task alone, and lies inside out[i]'s n * m values.
+                if exact {
+                    // Reference: dequantize the row, then a plain f32 dot product per token.
+                    for r in rows {
                         w.dequant_row(r, row);
                         for t in 0..n {
-                            let xr = &x[t * k..(t + 1) * k];
                             let mut s = 0f32;
-                            for (a, b) in row.iter().zip(xr) {
+                            for (a, b) in row.iter().zip(&x[t * k..(t + 1) * k]) {
                                 s += a * b;
                             }
-                            // SAFETY: (t, r) is written by this task alone, inside out's n*m values.
                             unsafe { *{ o }.0.add(t * m + r) = s };
                         }
-                    },
-                );
-            }
-            CpuMode::Fast if quantized => {
-                let mut act = Q8Act::default();
-                act.quantize_into(&x[..n * k]);
-                let nb = k / QK;
-                let simd = self.simd;
-                (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                    let rows = c * chunk..((c + 1) * chunk).min(m);
+                    }
+                } else if quantized(w) {
                     for t in 0..n {
                         let a = Q8Row {
                             qs: &act.qs[t * k..(t + 1) * k],
@@ -158,24 +177,19 @@ impl Backend for Cpu {
                         };
                         for r in rows.clone() {
                             let v = dot::dot_q(w.ty, w.row(r), a, simd);
-                            // SAFETY: as above, (t, r) belongs to this task's rows.
                             unsafe { *{ o }.0.add(t * m + r) = v };
                         }
                     }
-                });
-            }
-            CpuMode::Fast => {
-                (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                    for r in c * chunk..((c + 1) * chunk).min(m) {
+                } else {
+                    for r in rows {
                         for t in 0..n {
                             let v = dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]);
-                            // SAFETY: as above.
                             unsafe { *{ o }.0.add(t * m + r) = v };
                         }
                     }
-                });
-            }
-        }
+                }
+            },
+        );
         Ok(())
     }
 

@@ -24,7 +24,9 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -37,7 +39,7 @@ pub fn has_avx2() -> bool {
 pub fn dot_q(ty: GgmlType, row: &[u8], a: Q8Row, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is true only when has_avx2() reported AVX2 and FMA.
+        // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
         return unsafe {
             match ty {
                 GgmlType::Q4_0 => avx2::dot_q4_0(row, a),
@@ -130,8 +132,15 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// The f16 at byte `i` of `b`, converted by the F16C instruction.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn h(b: *const u8, i: usize) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.add(i) as *const u16) as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -142,7 +151,7 @@ mod avx2 {
     /// 16 packed bytes -> 32 nibbles: low nibbles in lanes 0..16, high nibbles in 16..32,
     /// matching the GGUF order of values within a block.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles(p: *const u8) -> __m256i {
         let b = _mm_loadu_si128(p as *const __m128i);
         let m = _mm_set1_epi8(15);
@@ -153,14 +162,14 @@ mod avx2 {
 
     /// Sum of u8 x i8 products over 32 lanes, as 8 f32 partial sums.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
         // maddubs: pairs of u8*i8 summed to i16; |15*127*2| and |127*128*2| fit in i16.
         let p16 = _mm256_maddubs_epi16(u, s);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1(row: &[u8], a: Q8Row) -> f32 {
         let nb = row.len() / 20;
         debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
@@ -171,14 +180,14 @@ mod avx2 {
             let q4 = nibbles(b.add(4));
             let q8 = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
             let p = dot_u8_i8(q4, q8);
-            let d = f16_at(row, i * 20) * *a.d.get_unchecked(i);
+            let d = h(row.as_ptr(), i * 20) * *a.d.get_unchecked(i);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
-            macc += f16_at(row, i * 20 + 2) * *a.s.get_unchecked(i);
+            macc += h(row.as_ptr(), i * 20 + 2) * *a.s.get_unchecked(i);
         }
         hsum(acc) + macc
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_0(row: &[u8], a: Q8Row) -> f32 {
         let nb = row.len() / 18;
         debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
@@ -189,7 +198,7 @@ mod avx2 {
             let q4 = nibbles(b.add(2));
             let q8 = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
             let p = dot_u8_i8(q4, q8);
-            let d = f16_at(row, i * 18);
+            let d = h(row.as_ptr(), i * 18);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *a.d.get_unchecked(i)), p, acc);
             // (q - 8) . q8 = q . q8 - 8 * sum(q8), and d8 * sum(q8) is s.
             corr += 8.0 * d * *a.s.get_unchecked(i);
@@ -197,7 +206,7 @@ mod avx2 {
         hsum(acc) - corr
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8_0(row: &[u8], a: Q8Row) -> f32 {
         let nb = row.len() / 34;
         debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
@@ -207,7 +216,7 @@ mod avx2 {
             let x = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
             // |w| x (x with w's sign) = w x, with the unsigned operand maddubs needs.
             let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-            let d = f16_at(row, i * 34) * *a.d.get_unchecked(i);
+            let d = h(row.as_ptr(), i * 34) * *a.d.get_unchecked(i);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
         }
         hsum(acc)

@@ -43,6 +43,13 @@ pub trait Backend: Send + Sync + 'static {
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Weight, eps: f32, n: usize, dim: usize, out: &mut Self::Buf) -> Result<()>;
     /// out(t, :) = W x(t, :) for `n` rows; W: (rows, k) stored as `rows` rows of `k` values.
     fn matmul(&self, w: &Self::Weight, x: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
+    /// Several matmuls of the same input (Q/K/V, gate/up), which a backend may fuse.
+    fn matmul_many(&self, ws: &[&Self::Weight], x: &Self::Buf, n: usize, outs: &mut [&mut Self::Buf]) -> Result<()> {
+        for (w, o) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(w, x, n, o)?;
+        }
+        Ok(())
+    }
     /// Rotate adjacent pairs of the first `rope.dims` values of each head of each row,
     /// row `t` being at position `pos0 + t`.
     fn rope(&self, x: &mut Self::Buf, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()>;
