@@ -58,7 +58,10 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn open(path: &Path) -> Result<Self> {
-        let gguf = gguf::Gguf::open(path)?;
+        Self::from_gguf(gguf::Gguf::open(path)?)
+    }
+
+    pub fn from_gguf(gguf: gguf::Gguf) -> Result<Self> {
         let config = model::Config::from_gguf(&gguf)?;
         let tokenizer = Arc::new(tokenizer::Tokenizer::from_gguf(&gguf)?);
         if tokenizer.vocab_size() != config.n_vocab {

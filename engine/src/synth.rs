@@ -148,7 +148,10 @@ impl Spec {
         }
         let tensors = self.tensors();
         let meta = self.metadata()?;
-        let tmp = path.with_extension("gguf.part");
+        // A temporary name of this writer's own, so concurrent writers never collide.
+        static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nth = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("part-{}-{nth}", std::process::id()));
         let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let w = std::io::BufWriter::with_capacity(1 << 22, file);
         write_gguf(w, &meta, &tensors, |i, out| {

@@ -1,0 +1,53 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use flint::quant::GgmlType;
+use flint::synth::Spec;
+use std::path::PathBuf;
+
+/// A fresh directory under the system temp dir, unique per test process and name.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flint-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The tiny synthetic model with weights of type `ty`, written once per (type, context).
+pub fn tiny_model(ty: GgmlType, ctx: usize) -> PathBuf {
+    let path = temp_dir("models").join(format!("tiny-{}-{ctx}.gguf", ty.name()));
+    if !path.exists() {
+        let mut s = Spec::preset("tiny").unwrap().with_type(ty).unwrap();
+        s.n_ctx = ctx;
+        s.seed = 7;
+        s.write(&path).unwrap();
+    }
+    path
+}
+
+/// The real default model, from $FLINT_MODEL or where `flint pull` puts it. Where it is
+/// missing the test prints that it skipped, unless FLINT_REQUIRE_MODEL is set (CI), where
+/// a missing model fails.
+pub fn real_model(test: &str) -> Option<PathBuf> {
+    let p = std::env::var_os("FLINT_MODEL").map(PathBuf::from).unwrap_or_else(flint::pull::default_model_path);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var_os("FLINT_REQUIRE_MODEL").is_some() {
+        panic!("{test}: the real model is required (FLINT_REQUIRE_MODEL) but is not at {}", p.display());
+    }
+    eprintln!("SKIPPED {test}: the real model is not at {} (run `flint pull`)", p.display());
+    None
+}
+
+/// |a - b| <= atol + rtol * |b| for every element; reports the worst element.
+pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0f32);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let excess = (x - y).abs() - (atol + rtol * y.abs());
+        if excess > worst.1 || x.is_nan() != y.is_nan() {
+            worst = (i, excess.max(f32::MIN_POSITIVE));
+        }
+    }
+    assert!(worst.1 <= 0.0, "{what}: element {} is {} vs reference {} (atol {atol}, rtol {rtol})", worst.0, a[worst.0], b[worst.0]);
+}
