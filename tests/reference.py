@@ -2,9 +2,10 @@
 """Independent reference for Flint's Llama forward pass: numpy, float64 activations, weights
 dequantized by the `gguf` Python package (not by Flint). Greedy-decodes from token ids.
 
-    python3 tests/reference.py MODEL.gguf --tokens 1,2,3 --n 8   ->  {"tokens": [...], "logits": [...]}
+    python3 tests/reference.py MODEL.gguf --tokens 1,2,3 [--tokens 4,5 ...] --n 8
+        -> [{"tokens": [...], "logits": [...]}, ...]   (one object per prompt)
 
-`logits` are the first step's logits (for tolerance checks against Flint's backends).
+`logits` are the logits after the prompt (for tolerance checks against Flint's backends).
 """
 import argparse
 import json
@@ -90,23 +91,25 @@ def step(cfg, w, cache, tok, pos):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--tokens", required=True, help="prompt token ids, comma separated")
+    ap.add_argument("--tokens", required=True, action="append", help="prompt token ids, comma separated")
     ap.add_argument("--n", type=int, default=8)
     a = ap.parse_args()
     cfg, w = load(a.model)
-    toks = [int(t) for t in a.tokens.split(",")]
-    cache = [([], []) for _ in range(cfg["n_layer"])]
-    logits = None
-    for pos, t in enumerate(toks):
-        logits = step(cfg, w, cache, t, pos)
-    first = logits
-    out = []
-    for i in range(a.n):
-        nxt = int(np.argmax(logits))
-        out.append(nxt)
-        if i + 1 < a.n:
-            logits = step(cfg, w, cache, nxt, len(toks) + i)
-    json.dump({"tokens": out, "logits": [float(v) for v in first]}, sys.stdout)
+    results = []
+    for prompt in a.tokens:
+        toks = [int(t) for t in prompt.split(",")]
+        cache = [([], []) for _ in range(cfg["n_layer"])]
+        for pos, t in enumerate(toks):
+            logits = step(cfg, w, cache, t, pos)
+        first = logits
+        out = []
+        for i in range(a.n):
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            if i + 1 < a.n:
+                logits = step(cfg, w, cache, nxt, len(toks) + i)
+        results.append({"tokens": out, "logits": [float(v) for v in first]})
+    json.dump(results, sys.stdout)
 
 
 if __name__ == "__main__":
