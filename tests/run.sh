@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command (README, and .ci/run on a fresh clone): installs what the tests need,
+# fetches the real default model with `flint pull`, builds, and runs every test.
+# The real model and the Python reference are required here: they fail, never skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== installing test dependencies (Python: gguf and numpy, the independent references)"
+python3 -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" "numpy>=1.26"
+
+echo "== building"
+cargo build --release --locked --workspace --all-targets
+
+echo "== fetching the default model"
+model=$(./target/release/flint pull | tail -n 1)
+echo "model: $model"
+
+echo "== tests"
+export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1
+cargo test --release --locked --workspace -- --nocapture
