@@ -171,3 +171,43 @@ fn activation_quantizer_is_accurate() {
         assert!((a.s[b] - a.d[b] * s as f32).abs() <= 1e-6 * a.s[b].abs().max(1.0));
     }
 }
+
+/// The four-token prefill kernel equals four single-token dot products, and the attention
+/// helpers equal plain loops, on lengths that are not multiples of the vector width.
+#[test]
+fn multi_token_and_attention_kernels_match() {
+    for simd in [false, dot::has_avx2()] {
+        for nb in [1usize, 3, 18] {
+            let k = nb * 32;
+            let acts: Vec<Q8Act> = (0..4)
+                .map(|t| {
+                    let mut a = Q8Act::default();
+                    a.quantize_into(&ramp(k, 50 + t));
+                    a
+                })
+                .collect();
+            let rows: Vec<Q8Row> = acts.iter().map(|a| Q8Row { qs: &a.qs, d: &a.d, s: &a.s }).collect();
+            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+                let mut w = Vec::new();
+                quantize(ty, &ramp(k, nb), &mut w).unwrap();
+                let four = dot::dot_q_x4(ty, &w, [rows[0], rows[1], rows[2], rows[3]], simd);
+                let one: Vec<f32> = rows.iter().map(|&a| dot::dot_q(ty, &w, a, false)).collect();
+                // Same integer block sums; f32 accumulation order differs.
+                assert_close(&format!("{ty} x4 simd={simd} nb={nb}"), &four, &one, 1e-4, 1e-5);
+            }
+        }
+        for n in [1usize, 7, 8, 17, 64, 100] {
+            let a = ramp(n, 1);
+            let b = ramp(n, 2);
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let got = dot::dot_f32(&a, &b, simd);
+            assert!((got as f64 - want).abs() <= 1e-5 * n as f64, "dot_f32 n={n} simd={simd}: {got} vs {want}");
+            let mut y = ramp(n, 3);
+            let mut y2 = y.clone();
+            dot::axpy(&mut y, 0.37, &a, simd);
+            y2.iter_mut().zip(&a).for_each(|(y, x)| *y += 0.37 * x);
+            // FMA rounds once, the plain loop twice: half an ulp apart at most.
+            assert_close(&format!("axpy n={n} simd={simd}"), &y, &y2, 1e-6, 1e-6);
+        }
+    }
+}

@@ -169,14 +169,23 @@ impl Backend for Cpu {
                         }
                     }
                 } else if quantized(w) {
-                    for t in 0..n {
-                        let a = Q8Row {
-                            qs: &act.qs[t * k..(t + 1) * k],
-                            d: &act.d[t * nb..(t + 1) * nb],
-                            s: &act.s[t * nb..(t + 1) * nb],
-                        };
-                        for r in rows.clone() {
-                            let v = dot::dot_q(w.ty, w.row(r), a, simd);
+                    let act_row = |t: usize| Q8Row {
+                        qs: &act.qs[t * k..(t + 1) * k],
+                        d: &act.d[t * nb..(t + 1) * nb],
+                        s: &act.s[t * nb..(t + 1) * nb],
+                    };
+                    // Four tokens at a time share each unpacked weight block; then the rest.
+                    let n4 = n / 4 * 4;
+                    for r in rows.clone() {
+                        let row = w.row(r);
+                        for t in (0..n4).step_by(4) {
+                            let v = dot::dot_q_x4(w.ty, row, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], simd);
+                            for (j, v) in v.into_iter().enumerate() {
+                                unsafe { *{ o }.0.add((t + j) * m + r) = v };
+                            }
+                        }
+                        for t in n4..n {
+                            let v = dot::dot_q(w.ty, row, act_row(t), simd);
                             unsafe { *{ o }.0.add(t * m + r) = v };
                         }
                     }
@@ -223,6 +232,8 @@ impl Backend for Cpu {
         let (hd, kvd) = (s.head_dim, s.kv_dim());
         let group = s.n_head / s.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
+        // The exact mode keeps the portable loops.
+        let simd = self.simd && self.mode == CpuMode::Fast;
         out[..n * s.q_dim()].par_chunks_mut(hd).enumerate().for_each_init(
             || Vec::with_capacity(pos0 + n),
             |scores: &mut Vec<f32>, (i, o)| {
@@ -234,7 +245,7 @@ impl Backend for Cpu {
                 let mut max = f32::NEG_INFINITY;
                 for j in 0..len {
                     let kr = &k[j * kvd + kvo..j * kvd + kvo + hd];
-                    let d = qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    let d = dot::dot_f32(qh, kr, simd) * scale;
                     max = max.max(d);
                     scores.push(d);
                 }
@@ -246,10 +257,7 @@ impl Backend for Cpu {
                 o.fill(0.0);
                 for (j, p) in scores.iter().enumerate() {
                     let vr = &v[j * kvd + kvo..j * kvd + kvo + hd];
-                    let p = p / sum;
-                    for (a, b) in o.iter_mut().zip(vr) {
-                        *a += p * b;
-                    }
+                    dot::axpy(o, p / sum, vr, simd);
                 }
             },
         );

@@ -56,6 +56,44 @@ pub fn dot_q(ty: GgmlType, row: &[u8], a: Q8Row, simd: bool) -> f32 {
     }
 }
 
+/// Four tokens at once against one quantized weight row (prefill): each weight block is
+/// unpacked once and used four times.
+#[inline]
+pub fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4], simd: bool) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
+        return unsafe { avx2::dot_q_x4(ty, row, a) };
+    }
+    a.map(|a| dot_q(ty, row, a, simd))
+}
+
+/// f32 dot product (attention scores).
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as above.
+        return unsafe { avx2::dot_f32(a, b) };
+    }
+    let mut acc = [0f32; 8];
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        acc[i & 7] += x * y;
+    }
+    acc.iter().sum()
+}
+
+/// y += alpha * x (attention's weighted sum of values).
+#[inline]
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as above.
+        return unsafe { avx2::axpy(y, alpha, x) };
+    }
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+}
+
 /// Dot product of a float weight row (`F32`, `F16`, `BF16`) with f32 activations.
 pub fn dot_float(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     // Chunks of 8 independent lanes so the compiler can keep them in one vector register.
@@ -220,5 +258,77 @@ mod avx2 {
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
         }
         hsum(acc)
+    }
+
+    /// The 32 weights of block `i` as bytes for maddubs, plus (d, m, sub) where the block's
+    /// dot product with activations (q8, d8, s8) is d * d8 * (w . q8) + m * s8 - sub * s8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block(ty: GgmlType, row: &[u8], i: usize) -> (__m256i, f32, f32) {
+        let p = row.as_ptr();
+        match ty {
+            GgmlType::Q4_1 => (nibbles(p.add(i * 20 + 4)), h(p, i * 20), h(p, i * 20 + 2)),
+            // (q - 8) . q8 = q . q8 - 8 sum(q8): an offset of -8 d.
+            GgmlType::Q4_0 => {
+                let d = h(p, i * 18);
+                (nibbles(p.add(i * 18 + 2)), d, -8.0 * d)
+            }
+            _ => (_mm256_loadu_si256(p.add(i * 34 + 2) as *const __m256i), h(p, i * 34), 0.0),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4]) -> [f32; 4] {
+        let nb = row.len() / ty.type_size();
+        let signed = ty == GgmlType::Q8_0;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut off = [0f32; 4];
+        for i in 0..nb {
+            let (w, d, m) = block(ty, row, i);
+            // maddubs wants an unsigned left operand: Q8_0 uses |w| and moves w's sign to x.
+            let wu = if signed { _mm256_sign_epi8(w, w) } else { w };
+            for t in 0..4 {
+                let x = _mm256_loadu_si256(a[t].qs.as_ptr().add(i * QK) as *const __m256i);
+                let x = if signed { _mm256_sign_epi8(x, w) } else { x };
+                let p = dot_u8_i8(wu, x);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * *a[t].d.get_unchecked(i)), p, acc[t]);
+                off[t] += m * *a[t].s.get_unchecked(i);
+            }
+        }
+        [hsum(acc[0]) + off[0], hsum(acc[1]) + off[1], hsum(acc[2]) + off[2], hsum(acc[3]) + off[3]]
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), _mm256_loadu_ps(b.as_ptr().add(i + 8)), s1);
+            i += 16;
+        }
+        let mut s = hsum(_mm256_add_ps(s0, s1));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let av = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            let yp = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(yp, _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp)));
+            i += 8;
+        }
+        while i < n {
+            y[i] += alpha * x[i];
+            i += 1;
+        }
     }
 }
