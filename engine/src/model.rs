@@ -270,6 +270,10 @@ impl<B: Backend> Session<B> {
     /// Run `tokens` at positions `pos0..`, filling the KV cache. Returns the logits of the
     /// last token, or of every token when `all` (speculative verification).
     pub fn forward(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool) -> Result<Vec<f32>> {
+        m.backend.run(|| self.forward_chunks(m, tokens, pos0, all))
+    }
+
+    fn forward_chunks(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             bail!("forward needs at least one token");
         }

@@ -21,15 +21,27 @@ pub enum CpuMode {
 pub struct Cpu {
     pub mode: CpuMode,
     simd: bool,
+    /// The backend's own threads. A forward pass runs inside the pool, so the calling
+    /// thread works as one of them instead of sleeping through each of the ~150 parallel
+    /// regions of a decode step.
+    pool: rayon::ThreadPool,
 }
 
 impl Cpu {
     pub fn new(mode: CpuMode) -> Self {
-        Cpu { mode, simd: dot::has_avx2() }
+        Self::with(mode, dot::has_avx2())
     }
     /// The fast mode without SIMD (to test the SIMD kernels against the scalar ones).
     pub fn scalar_fast() -> Self {
-        Cpu { mode: CpuMode::Fast, simd: false }
+        Self::with(CpuMode::Fast, false)
+    }
+    fn with(mode: CpuMode, simd: bool) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("flint-cpu-{i}"))
+            .build()
+            .expect("cannot start the CPU backend's threads");
+        Cpu { mode, simd, pool }
     }
 }
 
@@ -42,9 +54,11 @@ pub struct CpuWeight {
 }
 
 impl CpuWeight {
+    #[inline]
     pub fn row_bytes(&self) -> usize {
         self.k / self.ty.block_size() * self.ty.type_size()
     }
+    #[inline]
     pub fn row(&self, r: usize) -> &[u8] {
         let rb = self.row_bytes();
         &self.bytes[r * rb..(r + 1) * rb]
@@ -65,12 +79,16 @@ impl Backend for Cpu {
     type Weight = CpuWeight;
     type Buf = Vec<f32>;
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn name(&self) -> String {
         match self.mode {
             CpuMode::Exact => "cpu-ref (exact f32)".into(),
             CpuMode::Fast => format!(
                 "cpu ({} threads, {})",
-                rayon::current_num_threads(),
+                self.pool.current_num_threads(),
                 if self.simd { "avx2" } else { "scalar" }
             ),
         }

@@ -211,18 +211,19 @@ mod avx2 {
     pub unsafe fn dot_q4_1(row: &[u8], a: Q8Row) -> f32 {
         let nb = row.len() / 20;
         debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let mut macc = 0f32;
+        // Two independent chains, so consecutive blocks' FMAs overlap.
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut macc = [0f32; 2];
+        let p = row.as_ptr();
         for i in 0..nb {
-            let b = row.as_ptr().add(i * 20);
-            let q4 = nibbles(b.add(4));
+            let q4 = nibbles(p.add(i * 20 + 4));
             let q8 = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
-            let p = dot_u8_i8(q4, q8);
-            let d = h(row.as_ptr(), i * 20) * *a.d.get_unchecked(i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
-            macc += h(row.as_ptr(), i * 20 + 2) * *a.s.get_unchecked(i);
+            let prod = dot_u8_i8(q4, q8);
+            let d = h(p, i * 20) * *a.d.get_unchecked(i);
+            acc[i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), prod, acc[i & 1]);
+            macc[i & 1] += h(p, i * 20 + 2) * *a.s.get_unchecked(i);
         }
-        hsum(acc) + macc
+        hsum(_mm256_add_ps(acc[0], acc[1])) + macc[0] + macc[1]
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -32,6 +32,10 @@ pub trait Backend: Send + Sync + 'static {
     type Buf: Send;
 
     fn name(&self) -> String;
+    /// Run a whole forward pass (the backend may set up threads or a stream around it).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
     fn load_weight(&self, file: &Gguf, t: &TensorInfo) -> Result<Self::Weight>;
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Grow `buf` to `len` values, keeping its contents (KV caches grow with the request).
