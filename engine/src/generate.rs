@@ -6,6 +6,8 @@
 
 use crate::model::Forward;
 use crate::sampler::{Sampler, SamplerConfig};
+use crate::speculative::{DraftModel, Drafter, SpecConfig};
+use std::collections::VecDeque;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,11 +23,13 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Render control tokens (`<|im_end|>`, ...) as text.
     pub special: bool,
+    /// Speculative decoding: where drafts come from. The output is the same as without.
+    pub speculative: Option<SpecConfig>,
 }
 
 impl Request {
     pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplerConfig) -> Self {
-        Request { prompt, max_tokens, sampling, stop: Vec::new(), special: false }
+        Request { prompt, max_tokens, sampling, stop: Vec::new(), special: false, speculative: None }
     }
 }
 
@@ -61,6 +65,22 @@ pub struct Timings {
     pub forward_passes: usize,
     /// Prompt tokens whose KV was reused from the previous request.
     pub cached_tokens: usize,
+    /// Speculative decoding: tokens proposed, and how many of them the model accepted.
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+impl Timings {
+    pub fn rejected(&self) -> usize {
+        self.drafted - self.accepted
+    }
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -85,11 +105,22 @@ pub struct Engine {
     pub fwd: Box<dyn Forward>,
     pub tokenizer: Arc<Tokenizer>,
     cached: Vec<u32>,
+    draft: Option<DraftModel>,
 }
 
 impl Engine {
     pub fn new(fwd: Box<dyn Forward>, tokenizer: Arc<Tokenizer>) -> Self {
-        Engine { fwd, tokenizer, cached: Vec::new() }
+        Engine { fwd, tokenizer, cached: Vec::new(), draft: None }
+    }
+
+    /// A draft model for [`crate::speculative::DraftSource::Model`]; it must share the vocabulary.
+    pub fn set_draft_model(&mut self, fwd: Box<dyn Forward>) -> Result<()> {
+        let (a, b) = (fwd.config().n_vocab, self.fwd.config().n_vocab);
+        if a != b {
+            bail!("the draft model's vocabulary ({a}) differs from the model's ({b})");
+        }
+        self.draft = Some(DraftModel::new(fwd));
+        Ok(())
     }
 
     /// Forget the cached context (the next request prefills everything).
@@ -113,7 +144,14 @@ impl Engine {
         }
         // Size the KV cache to the request.
         self.fwd.reserve((req.prompt.len() + req.max_tokens).min(n_ctx))?;
+        if let Some(sc) = &req.speculative {
+            if matches!(sc.source, crate::speculative::DraftSource::Model) && self.draft.is_none() {
+                bail!("speculative decoding with a draft model needs one (--draft PATH)");
+            }
+        }
         Ok(Generation {
+            drafter: req.speculative.clone().map(|c| Drafter::new(c, &req.sampling)),
+            queue: VecDeque::new(),
             sampler: Sampler::new(req.sampling.clone()),
             context: req.prompt.clone(),
             req,
@@ -123,7 +161,6 @@ impl Engine {
             text: String::new(),
             emitted: 0,
             generated: Vec::new(),
-            logits: None,
             finish: None,
             flushed: false,
             start: Instant::now(),
@@ -138,13 +175,15 @@ pub struct Generation<'a> {
     engine: &'a mut Engine,
     req: Request,
     sampler: Sampler,
+    drafter: Option<Drafter>,
+    /// Tokens decided by the last model step, not yet emitted.
+    queue: VecDeque<u32>,
     cancel: Option<Arc<AtomicBool>>,
     context: Vec<u32>, // prompt + generated
     generated: Vec<u32>,
     decoder: StreamDecoder,
     text: String,   // all generated text so far
     emitted: usize, // bytes of `text` already handed out
-    logits: Option<Vec<f32>>,
     finish: Option<FinishReason>,
     flushed: bool,
     start: Instant,
@@ -158,8 +197,9 @@ impl Generation<'_> {
         self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
 
-    /// Run the model over whatever the KV cache lacks and keep the logits.
-    fn step_model(&mut self) -> Result<()> {
+    /// Run the model over whatever the KV cache lacks, plus `draft`. Returns the logits of
+    /// the last context token followed by one row per draft token.
+    fn run_model(&mut self, draft: &[u32]) -> Result<Vec<f32>> {
         let e = &mut *self.engine;
         let common = e.cached.iter().zip(&self.context).take_while(|(a, b)| a == b).count();
         // At least one token must run to produce logits.
@@ -167,19 +207,83 @@ impl Generation<'_> {
         if self.timings.forward_passes == 0 {
             self.timings.cached_tokens = reuse;
         }
-        e.cached.truncate(reuse);
+        let mut run = self.context[reuse..].to_vec();
+        run.extend_from_slice(draft);
         let t0 = Instant::now();
-        let logits = e.fwd.forward(&self.context[reuse..], reuse, false);
-        if logits.is_err() {
-            e.cached.clear(); // the cache may be half-written
-        }
-        let logits = logits?;
-        e.cached.extend_from_slice(&self.context[reuse..]);
+        let logits = e.fwd.forward(&run, reuse, !draft.is_empty());
+        e.cached.truncate(reuse);
+        let mut logits = match logits {
+            Ok(l) => l,
+            Err(err) => {
+                e.cached.clear(); // the cache may be half-written
+                return Err(err);
+            }
+        };
+        // Rejected draft tokens stay here; the common-prefix check above drops them.
+        e.cached.extend_from_slice(&run);
         if self.timings.forward_passes == 0 {
             self.timings.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
         }
         self.timings.forward_passes += 1;
-        self.logits = Some(logits);
+        if !draft.is_empty() {
+            // Keep the rows from the last context token on.
+            let v = e.fwd.config().n_vocab;
+            logits.drain(..(self.context.len() - 1 - reuse) * v);
+        }
+        Ok(logits)
+    }
+
+    /// One model step: decide the next token, or with a draft, verify it and decide up to
+    /// `k + 1` tokens. Accepting draft token `d` (drawn with probability q(d), or certain) with
+    /// probability min(1, p(d) / q(d)) and resampling a rejection from max(p - q, 0) leaves
+    /// the output distribution that of plain sampling; greedy accepts exactly the tokens
+    /// plain greedy decoding would produce.
+    fn advance(&mut self) -> Result<()> {
+        let room = self.req.max_tokens.saturating_sub(self.generated.len() + 1).min(
+            self.engine.fwd.config().n_ctx.saturating_sub(self.context.len() + 1),
+        );
+        let draft = match &mut self.drafter {
+            Some(d) if room > 0 => d.draft(&self.context, self.generated.len(), room, self.engine.draft.as_mut())?,
+            _ => Default::default(),
+        };
+        let logits = self.run_model(&draft.tokens)?;
+        let v = self.engine.fwd.config().n_vocab;
+        let mut history = self.context.clone();
+        let mut accepted = 0;
+        for i in 0..=draft.tokens.len() {
+            let mut row = logits[i * v..(i + 1) * v].to_vec();
+            let dist = self.sampler.distribution(&mut row, &history).to_vec();
+            let Some(&d) = draft.tokens.get(i) else {
+                let t = self.sampler.draw();
+                self.queue.push_back(t);
+                break;
+            };
+            let p = dist.iter().find(|x| x.0 == d).map_or(0.0, |x| x.1);
+            let q_of = |t: u32| match &draft.probs {
+                None => (t == d) as u32 as f32,
+                Some(qs) => qs[i].iter().find(|x| x.0 == t).map_or(0.0, |x| x.1),
+            };
+            let q = q_of(d);
+            let accept = q > 0.0 && (p >= q || (p > 0.0 && self.sampler.uniform() < p / q));
+            if accept {
+                accepted += 1;
+                self.queue.push_back(d);
+                history.push(d);
+                if self.engine.tokenizer.is_eog(d) {
+                    break;
+                }
+                continue;
+            }
+            let residual: Vec<(u32, f32)> = dist.iter().map(|&(t, pt)| (t, (pt - q_of(t)).max(0.0))).collect();
+            let t = if residual.iter().any(|x| x.1 > 0.0) { self.sampler.draw_from(&residual) } else { self.sampler.draw_from(&dist) };
+            self.queue.push_back(t);
+            break;
+        }
+        self.timings.drafted += draft.tokens.len();
+        self.timings.accepted += accepted;
+        if let Some(d) = &mut self.drafter {
+            d.length.feedback(draft.tokens.len(), accepted);
+        }
         Ok(())
     }
 
@@ -237,11 +341,10 @@ impl Generation<'_> {
             self.finish = Some(FinishReason::Length);
             return self.next_step();
         }
-        if self.logits.is_none() {
-            self.step_model()?;
+        if self.queue.is_empty() {
+            self.advance()?;
         }
-        let mut logits = self.logits.take().expect("set by step_model");
-        let tok = self.sampler.sample(&mut logits, &self.context);
+        let tok = self.queue.pop_front().expect("advance decides at least one token");
         if self.first_token_at.is_none() {
             self.first_token_at = Some(Instant::now());
             self.timings.ttft_ms = self.start.elapsed().as_secs_f64() * 1e3;

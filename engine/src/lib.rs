@@ -16,6 +16,7 @@ pub mod model;
 pub mod pull;
 pub mod quant;
 pub mod sampler;
+pub mod speculative;
 pub mod synth;
 pub mod tokenizer;
 

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flint::generate::{Engine, Outcome, Request};
 use flint::sampler::SamplerConfig;
+use flint::speculative::SpecConfig;
 use flint::tokenizer::Message;
 use flint::{pull, synth, BackendKind, Loaded};
 use std::io::{BufRead, Write};
@@ -168,9 +169,61 @@ struct GenerateArgs {
     max_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct SpecArgs {
+    /// Speculative decoding: ngram (prompt lookup), prediction (--prediction-file), draft (--draft).
+    /// The output is the same as without it.
+    #[arg(long, value_parser = ["ngram", "prediction", "draft"])]
+    speculative: Option<String>,
+    /// The expected output (e.g. the file being edited), for --speculative prediction.
+    #[arg(long)]
+    prediction_file: Option<PathBuf>,
+    /// A draft model sharing the vocabulary, for --speculative draft.
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// Longest draft (default: 8 for ngram, 16 for prediction, 5 for draft).
+    #[arg(long)]
+    draft_len: Option<usize>,
+}
+
+impl SpecArgs {
+    /// The request's speculative configuration; loads the draft model into `engine`.
+    fn apply(&self, l: &Loaded, engine: &mut Engine, backend: BackendKind) -> Result<Option<SpecConfig>> {
+        let Some(mode) = &self.speculative else {
+            if self.prediction_file.is_some() || self.draft.is_some() {
+                bail!("--prediction-file and --draft need --speculative prediction or draft");
+            }
+            return Ok(None);
+        };
+        let mut c = match mode.as_str() {
+            "ngram" => SpecConfig::ngram(),
+            "prediction" => {
+                let f = self.prediction_file.as_ref().context("--speculative prediction needs --prediction-file F")?;
+                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+                SpecConfig::prediction(l.tokenizer.encode(&text, false)?)
+            }
+            _ => {
+                let p = self.draft.as_ref().context("--speculative draft needs --draft PATH")?;
+                let d = Loaded::open(p).with_context(|| format!("draft model {}", p.display()))?;
+                engine.set_draft_model(d.runner(backend, 256)?)?;
+                SpecConfig::model()
+            }
+        };
+        if let Some(k) = self.draft_len {
+            if k == 0 || k > 64 {
+                bail!("--draft-len must be between 1 and 64");
+            }
+            c.max_draft = k;
+        }
+        Ok(Some(c))
+    }
 }
 
 /// Write to stdout; a closed pipe (`flint ... | head`) ends the program quietly.
@@ -288,6 +341,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut req = Request::new(prompt, a.max_tokens, a.sampling.config());
     req.stop = a.sampling.stop.clone();
     req.special = a.special;
+    req.speculative = a.spec.apply(&l, &mut engine, a.model.backend)?;
     let cancel = Arc::new(AtomicBool::new(false));
     let c = cancel.clone();
     let _ = ctrlc::set_handler(move || c.store(true, Ordering::Relaxed));
@@ -301,7 +355,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "finish_reason": outcome.finish_reason.as_str(),
             "timings": {
                 "prompt_ms": t.prompt_ms, "ttft_ms": t.ttft_ms, "decode_tok_s": t.decode_tok_s,
-                "forward_passes": t.forward_passes, "drafted": 0, "accepted": 0,
+                "forward_passes": t.forward_passes, "drafted": t.drafted, "accepted": t.accepted,
+                "rejected": t.rejected(), "acceptance_rate": t.acceptance_rate(),
             },
         });
         out(&format!("{v}\n"));
@@ -325,8 +380,13 @@ fn stream(engine: &mut Engine, req: Request, cancel: Arc<AtomicBool>, print: boo
 
 fn report_timings(o: &Outcome) {
     let t = &o.timings;
+    let spec = if t.drafted > 0 {
+        format!("; {} forward passes, {}/{} drafted tokens accepted", t.forward_passes, t.accepted, t.drafted)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "[{} prompt tokens ({} cached) in {:.1} ms; {} tokens at {:.1} tok/s; first token after {:.1} ms; {}]",
+        "[{} prompt tokens ({} cached) in {:.1} ms; {} tokens at {:.1} tok/s; first token after {:.1} ms; {}{spec}]",
         o.prompt_tokens.len(), t.cached_tokens, t.prompt_ms, o.tokens.len(), t.decode_tok_s, t.ttft_ms, o.finish_reason.as_str()
     );
 }

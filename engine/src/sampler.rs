@@ -78,6 +78,14 @@ impl Sampler {
     /// Pick the next token from `logits` (modified in place by the penalty); `history`
     /// is the context so far, for the repetition penalty.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.distribution(logits, history);
+        self.draw()
+    }
+
+    /// The distribution `sample` draws from, after every transform: (token, probability)
+    /// pairs, most likely first, summing to 1. Greedy is a single token with probability 1.
+    /// Speculative decoding reads it to accept or reject drafted tokens.
+    pub fn distribution(&mut self, logits: &mut [f32], history: &[u32]) -> &[(u32, f32)] {
         let c = &self.cfg;
         if c.repeat_penalty != 1.0 {
             let recent = &history[history.len().saturating_sub(c.repeat_last_n)..];
@@ -90,14 +98,16 @@ impl Sampler {
                 }
             }
         }
-        if c.temperature <= 0.0 {
-            return argmax(logits).unwrap_or(0);
-        }
         let cand = &mut self.cand;
         cand.clear();
+        if c.temperature <= 0.0 {
+            cand.push((argmax(logits).unwrap_or(0), 1.0));
+            return cand;
+        }
         cand.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)));
         if cand.is_empty() {
-            return 0;
+            cand.push((0, 1.0));
+            return cand;
         }
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if c.top_k > 0 && c.top_k < cand.len() {
@@ -127,7 +137,17 @@ impl Sampler {
             cand.truncate(keep);
         }
         let total: f32 = cand.iter().map(|x| x.1).sum();
-        let mut r = self.rng.random::<f32>() * total;
+        cand.iter_mut().for_each(|x| x.1 /= total);
+        cand
+    }
+
+    /// Draw from the last computed distribution.
+    pub fn draw(&mut self) -> u32 {
+        let cand = &self.cand;
+        if cand.len() == 1 {
+            return cand[0].0;
+        }
+        let mut r = self.rng.random::<f32>();
         for x in cand.iter() {
             r -= x.1;
             if r <= 0.0 {
@@ -135,5 +155,23 @@ impl Sampler {
             }
         }
         cand.last().expect("non-empty").0
+    }
+
+    /// A uniform number in [0, 1) from the sampler's own stream (acceptance tests).
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+
+    /// Draw from `dist` (token, weight) pairs; weights need not sum to 1.
+    pub fn draw_from(&mut self, dist: &[(u32, f32)]) -> u32 {
+        let total: f32 = dist.iter().map(|x| x.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for x in dist {
+            r -= x.1;
+            if r <= 0.0 && x.1 > 0.0 {
+                return x.0;
+            }
+        }
+        dist.iter().rev().find(|x| x.1 > 0.0).or(dist.last()).map_or(0, |x| x.0)
     }
 }

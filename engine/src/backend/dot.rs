@@ -40,13 +40,7 @@ pub fn dot_q(ty: GgmlType, row: &[u8], a: Q8Row, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
-        return unsafe {
-            match ty {
-                GgmlType::Q4_0 => avx2::dot_q4_0(row, a),
-                GgmlType::Q4_1 => avx2::dot_q4_1(row, a),
-                _ => avx2::dot_q8_0(row, a),
-            }
-        };
+        return unsafe { avx2::dot::<1>(ty, row, [a])[0] };
     }
     let _ = simd;
     match ty {
@@ -63,7 +57,7 @@ pub fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4], simd: bool) -> [f32; 4]
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
-        return unsafe { avx2::dot_q_x4(ty, row, a) };
+        return unsafe { avx2::dot::<4>(ty, row, a) };
     }
     a.map(|a| dot_q(ty, row, a, simd))
 }
@@ -207,96 +201,66 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1(row: &[u8], a: Q8Row) -> f32 {
-        let nb = row.len() / 20;
-        debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
-        // Two independent chains, so consecutive blocks' FMAs overlap.
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut macc = [0f32; 2];
-        let p = row.as_ptr();
-        for i in 0..nb {
-            let q4 = nibbles(p.add(i * 20 + 4));
-            let q8 = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
-            let prod = dot_u8_i8(q4, q8);
-            let d = h(p, i * 20) * *a.d.get_unchecked(i);
-            acc[i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), prod, acc[i & 1]);
-            macc[i & 1] += h(p, i * 20 + 2) * *a.s.get_unchecked(i);
-        }
-        hsum(_mm256_add_ps(acc[0], acc[1])) + macc[0] + macc[1]
-    }
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_0(row: &[u8], a: Q8Row) -> f32 {
-        let nb = row.len() / 18;
-        debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let mut corr = 0f32;
-        for i in 0..nb {
-            let b = row.as_ptr().add(i * 18);
-            let q4 = nibbles(b.add(2));
-            let q8 = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
-            let p = dot_u8_i8(q4, q8);
-            let d = h(row.as_ptr(), i * 18);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *a.d.get_unchecked(i)), p, acc);
-            // (q - 8) . q8 = q . q8 - 8 * sum(q8), and d8 * sum(q8) is s.
-            corr += 8.0 * d * *a.s.get_unchecked(i);
-        }
-        hsum(acc) - corr
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0(row: &[u8], a: Q8Row) -> f32 {
-        let nb = row.len() / 34;
-        debug_assert!(a.qs.len() >= nb * QK && a.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..nb {
-            let w = _mm256_loadu_si256(row.as_ptr().add(i * 34 + 2) as *const __m256i);
-            let x = _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i);
-            // |w| x (x with w's sign) = w x, with the unsigned operand maddubs needs.
-            let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-            let d = h(row.as_ptr(), i * 34) * *a.d.get_unchecked(i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
-        }
-        hsum(acc)
-    }
-
-    /// The 32 weights of block `i` as bytes for maddubs, plus (d, m, sub) where the block's
-    /// dot product with activations (q8, d8, s8) is d * d8 * (w . q8) + m * s8 - sub * s8.
+    /// N tokens against one weight row of type `TY`. Every token's result goes through the
+    /// same operations in the same order whatever N is, so a token's logits do not depend
+    /// on the batch it was computed in (speculative verification relies on this: greedy
+    /// output with and without it must be identical to the bit).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block(ty: GgmlType, row: &[u8], i: usize) -> (__m256i, f32, f32) {
-        let p = row.as_ptr();
-        match ty {
-            GgmlType::Q4_1 => (nibbles(p.add(i * 20 + 4)), h(p, i * 20), h(p, i * 20 + 2)),
-            // (q - 8) . q8 = q . q8 - 8 sum(q8): an offset of -8 d.
-            GgmlType::Q4_0 => {
-                let d = h(p, i * 18);
-                (nibbles(p.add(i * 18 + 2)), d, -8.0 * d)
-            }
-            _ => (_mm256_loadu_si256(p.add(i * 34 + 2) as *const __m256i), h(p, i * 34), 0.0),
+    pub unsafe fn dot_n<const N: usize, const TY: u8>(row: &[u8], a: [Q8Row; N]) -> [f32; N] {
+        let bs = [18, 20, 34][TY as usize];
+        let nb = row.len() / bs;
+        for x in &a {
+            debug_assert!(x.qs.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
         }
+        let p = row.as_ptr();
+        // Two accumulator chains per token, so consecutive blocks' FMAs overlap.
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let mut off = [[0f32; 2]; N];
+        for i in 0..nb {
+            // The block's 32 weights as maddubs operands, its scale d, and the factor m of
+            // s8 = d8 * sum(q8) in its dot product: d * d8 * (w . q8) + m * s8.
+            let (w, d, m) = match TY {
+                Q4_1 => (nibbles(p.add(i * 20 + 4)), h(p, i * 20), h(p, i * 20 + 2)),
+                // (q - 8) . q8 = q . q8 - 8 sum(q8).
+                Q4_0 => {
+                    let d = h(p, i * 18);
+                    (nibbles(p.add(i * 18 + 2)), d, -8.0 * d)
+                }
+                _ => (_mm256_loadu_si256(p.add(i * 34 + 2) as *const __m256i), h(p, i * 34), 0.0),
+            };
+            // maddubs wants an unsigned left operand: Q8_0 uses |w| and moves w's sign to x.
+            let wu = if TY == Q8_0 { _mm256_sign_epi8(w, w) } else { w };
+            for t in 0..N {
+                let x = _mm256_loadu_si256(a[t].qs.as_ptr().add(i * QK) as *const __m256i);
+                let x = if TY == Q8_0 { _mm256_sign_epi8(x, w) } else { x };
+                let prod = dot_u8_i8(wu, x);
+                let c = i & 1;
+                acc[t][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * *a[t].d.get_unchecked(i)), prod, acc[t][c]);
+                if TY != Q8_0 {
+                    off[t][c] += m * *a[t].s.get_unchecked(i);
+                }
+            }
+        }
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + off[t][0] + off[t][1];
+        }
+        out
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4]) -> [f32; 4] {
-        let nb = row.len() / ty.type_size();
-        let signed = ty == GgmlType::Q8_0;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut off = [0f32; 4];
-        for i in 0..nb {
-            let (w, d, m) = block(ty, row, i);
-            // maddubs wants an unsigned left operand: Q8_0 uses |w| and moves w's sign to x.
-            let wu = if signed { _mm256_sign_epi8(w, w) } else { w };
-            for t in 0..4 {
-                let x = _mm256_loadu_si256(a[t].qs.as_ptr().add(i * QK) as *const __m256i);
-                let x = if signed { _mm256_sign_epi8(x, w) } else { x };
-                let p = dot_u8_i8(wu, x);
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * *a[t].d.get_unchecked(i)), p, acc[t]);
-                off[t] += m * *a[t].s.get_unchecked(i);
-            }
+    pub unsafe fn dot<const N: usize>(ty: GgmlType, row: &[u8], a: [Q8Row; N]) -> [f32; N] {
+        match ty {
+            GgmlType::Q4_0 => dot_n::<N, Q4_0>(row, a),
+            GgmlType::Q4_1 => dot_n::<N, Q4_1>(row, a),
+            _ => dot_n::<N, Q8_0>(row, a),
         }
-        [hsum(acc[0]) + off[0], hsum(acc[1]) + off[1], hsum(acc[2]) + off[2], hsum(acc[3]) + off[3]]
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
