@@ -128,3 +128,33 @@ fn generates_sensible_code() {
     let o = e.generate(Request::new(p, 48, SamplerConfig::greedy()), None).unwrap().finish().unwrap();
     assert!(o.text.contains("def fibonacci(n)"), "{:?}", o.text);
 }
+
+/// Speculative decoding on the real model: the same greedy tokens as plain decoding with
+/// every draft source (a draft model equal to the target accepts everything).
+#[test]
+fn speculative_greedy_output_is_identical() {
+    let Some(l) = load("speculative_greedy_output_is_identical") else { return };
+    use flint::speculative::SpecConfig;
+    let file = "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n";
+    let ask = format!("Rename the parameter w to width in this code and output the whole file:\n{file}");
+    let prompt = l.tokenizer.chat_tokens(&[Message::new("user", &ask)]).unwrap();
+    let mut e = l.engine(BackendKind::Cpu, 512).unwrap();
+    let n = 48;
+    let plain = e.generate(Request::new(prompt.clone(), n, SamplerConfig::greedy()), None).unwrap().finish().unwrap();
+    e.set_draft_model(l.runner(BackendKind::Cpu, 512).unwrap()).unwrap();
+    for (name, spec) in [
+        ("ngram", SpecConfig::ngram()),
+        ("prediction", SpecConfig::prediction(l.tokenizer.encode(file, false).unwrap())),
+        ("draft", SpecConfig::model()),
+    ] {
+        e.reset();
+        let mut r = Request::new(prompt.clone(), n, SamplerConfig::greedy());
+        r.speculative = Some(spec);
+        let o = e.generate(r, None).unwrap().finish().unwrap();
+        assert_eq!(o.tokens, plain.tokens, "{name}");
+        eprintln!("{name}: {} forward passes for {} tokens, {}/{} accepted", o.timings.forward_passes, o.tokens.len(), o.timings.accepted, o.timings.drafted);
+        if name == "draft" {
+            assert_eq!(o.timings.accepted, o.timings.drafted);
+        }
+    }
+}
