@@ -222,3 +222,26 @@ fn config_comes_from_metadata() {
     // The test reference always multiplies by the embeddings; an untied model must differ.
     assert!(nmse(&got, &want[1]) > 1e-2, "output.weight was ignored");
 }
+
+/// Past several 256-key chunks (split-KV attention on the fast path): fast against exact, and
+/// a token's logits bit-identical whether computed alone or in a batch.
+#[test]
+fn long_context_attention_matches_and_is_batch_invariant() {
+    let l = Loaded::open(&tiny_model(GgmlType::Q8_0, 2048)).unwrap();
+    let toks: Vec<u32> = (0..700u32).map(|i| 3 + (i * 37) % 317).collect();
+    let exact = l.runner(BackendKind::CpuRef, 800).unwrap().forward(&toks, 0, true).unwrap();
+    let fast = l.runner(BackendKind::Cpu, 800).unwrap().forward(&toks, 0, true).unwrap();
+    let v = l.config.n_vocab;
+    for t in [0, 255, 256, 511, 699] {
+        let e = nmse(&fast[t * v..(t + 1) * v], &exact[t * v..(t + 1) * v]);
+        // As in fast_backend_is_close_to_exact: 8-bit activation rounding.
+        assert!(e < 1e-3, "position {t}: NMSE {e:e}");
+    }
+    let mut f = l.runner(BackendKind::Cpu, 800).unwrap();
+    f.forward(&toks[..690], 0, false).unwrap();
+    let batch = f.forward(&toks[690..], 690, true).unwrap();
+    for (i, &t) in toks[690..].iter().enumerate() {
+        let one = f.forward(&[t], 690 + i, false).unwrap();
+        assert!(one == batch[i * v..(i + 1) * v], "position {}: batch and single differ", 690 + i);
+    }
+}

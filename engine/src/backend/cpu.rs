@@ -247,11 +247,15 @@ impl Backend for Cpu {
     }
 
     fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, out: &mut Vec<f32>, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
+        if self.mode == CpuMode::Fast {
+            attention_split(q, k, v, out, n, pos0, s, self.simd);
+            return Ok(());
+        }
+        // The reference: one (token, head) row at a time, plain softmax over all its keys.
         let (hd, kvd) = (s.head_dim, s.kv_dim());
         let group = s.n_head / s.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
-        // The exact mode keeps the portable loops.
-        let simd = self.simd && self.mode == CpuMode::Fast;
+        let simd = false;
         out[..n * s.q_dim()].par_chunks_mut(hd).enumerate().for_each_init(
             || Vec::with_capacity(pos0 + n),
             |scores: &mut Vec<f32>, (i, o)| {
@@ -296,5 +300,139 @@ impl Backend for Cpu {
 
     fn read(&self, x: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
         Ok(x[offset..offset + len].to_vec())
+    }
+}
+
+/// Tokens per attention task: their query rows share each K/V row load.
+const ATT_TOKENS: usize = 4;
+/// Keys per attention task (split-KV): long contexts spread over all threads.
+const ATT_KEYS: usize = 256;
+
+/// Fast causal attention. One task per (KV head, tile of tokens, chunk of keys): each K and V
+/// row is loaded once for every query head that shares it (GQA) and every token of the tile,
+/// and gives a partial softmax (max, sum, weighted values) that a second pass merges.
+/// Chunk boundaries are fixed positions and each query row's arithmetic does not depend on
+/// the other rows of its tile, so a token's result is the same in any batch.
+#[allow(clippy::too_many_arguments)]
+fn attention_split(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: usize, pos0: usize, s: AttnShape, simd: bool) {
+    let (hd, nh, nkv) = (s.head_dim, s.n_head, s.n_kv_head);
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n_tiles = n.div_ceil(ATT_TOKENS);
+    let n_chunks = (pos0 + n).div_ceil(ATT_KEYS);
+    let rows = ATT_TOKENS * group; // query rows per task: (token in tile, head in group)
+    let stride = hd + 2; // per row: max, sum, weighted values (hd)
+    let mut part = vec![0f32; n_tiles * nkv * n_chunks * rows * stride];
+    let ctx = AttnTask { q, k, v, pos0, n, s, n_chunks, scale };
+    part.par_chunks_mut(rows * stride).enumerate().for_each_init(
+        || vec![0f32; rows * ATT_KEYS],
+        |scores, (task, p)| {
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
+                return unsafe { attention_task_avx2(&ctx, task, p, scores) };
+            }
+            attention_task::<false>(&ctx, task, p, scores)
+        },
+    );
+    // Merge each row's partials: rescale to the common max, then normalise.
+    out[..n * nh * hd].par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        let (t, h) = (i / nh, i % nh);
+        let (g, hh) = (h / group, h % group);
+        let tile = t / ATT_TOKENS;
+        let r = (t - tile * ATT_TOKENS) * group + hh;
+        let at = |c: usize| ((((tile * nkv) + g) * n_chunks + c) * rows + r) * stride;
+        let m = (0..n_chunks).map(|c| part[at(c)]).fold(f32::NEG_INFINITY, f32::max);
+        o.fill(0.0);
+        let mut sum = 0f32;
+        for c in 0..n_chunks {
+            let pr = &part[at(c)..at(c) + stride];
+            if pr[0] == f32::NEG_INFINITY {
+                continue;
+            }
+            let w = (pr[0] - m).exp();
+            sum += pr[1] * w;
+            dot::axpy(o, w, &pr[2..], simd);
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
+    });
+}
+
+struct AttnTask<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    pos0: usize,
+    n: usize,
+    s: AttnShape,
+    n_chunks: usize,
+    scale: f32,
+}
+
+/// The attention task compiled for AVX2 and FMA, with its inner loops inlined.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attention_task_avx2(c: &AttnTask, task: usize, p: &mut [f32], scores: &mut [f32]) {
+    attention_task::<true>(c, task, p, scores)
+}
+
+/// One (KV head, token tile, key chunk) task of [`attention_split`]: fills `p` with each
+/// query row's (max, sum, weighted values) over the chunk's visible keys.
+#[inline(always)]
+fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], scores: &mut [f32]) {
+    let (q, k, v, pos0, s) = (c.q, c.k, c.v, c.pos0, c.s);
+    let (hd, kvd, nh, nkv) = (s.head_dim, s.kv_dim(), s.n_head, s.n_kv_head);
+    let group = nh / nkv;
+    let stride = hd + 2;
+    let ch = task % c.n_chunks;
+    let g = (task / c.n_chunks) % nkv;
+    let t0 = task / (c.n_chunks * nkv) * ATT_TOKENS;
+    let t1 = (t0 + ATT_TOKENS).min(c.n);
+    for r in 0..ATT_TOKENS * group {
+        p[r * stride] = f32::NEG_INFINITY;
+        p[r * stride + 1] = 0.0;
+        p[r * stride + 2..(r + 1) * stride].fill(0.0);
+    }
+    let k0 = ch * ATT_KEYS;
+    // Keys this chunk holds that the tile's last token can see.
+    let k1 = (k0 + ATT_KEYS).min(pos0 + t1);
+    if k0 >= k1 {
+        return;
+    }
+    let row_of = |t: usize, hh: usize| (t - t0) * group + hh;
+    let q_of = |t: usize, hh: usize| &q[(t * nh + g * group + hh) * hd..][..hd];
+    // Token t sees keys 0..=pos0+t: here, k0..end(t).
+    let end = |t: usize| (pos0 + t + 1).min(k1);
+    for j in k0..k1 {
+        let kr = &k[j * kvd + g * hd..][..hd];
+        for t in (t0..t1).filter(|&t| j < end(t)) {
+            for hh in 0..group {
+                scores[row_of(t, hh) * ATT_KEYS + j - k0] = dot::dot8::<FMA>(q_of(t, hh), kr) * c.scale;
+            }
+        }
+    }
+    for t in (t0..t1).filter(|&t| k0 < end(t)) {
+        for hh in 0..group {
+            let r = row_of(t, hh);
+            let sc = &mut scores[r * ATT_KEYS..r * ATT_KEYS + end(t) - k0];
+            let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for x in sc.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
+            p[r * stride] = m;
+            p[r * stride + 1] = sum;
+        }
+    }
+    for j in k0..k1 {
+        let vr = &v[j * kvd + g * hd..][..hd];
+        for t in (t0..t1).filter(|&t| j < end(t)) {
+            for hh in 0..group {
+                let r = row_of(t, hh);
+                dot::axpy8::<FMA>(&mut p[r * stride + 2..(r + 1) * stride], scores[r * ATT_KEYS + j - k0], vr);
+            }
+        }
     }
 }

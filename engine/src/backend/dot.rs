@@ -62,30 +62,50 @@ pub fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4], simd: bool) -> [f32; 4]
     a.map(|a| dot_q(ty, row, a, simd))
 }
 
-/// f32 dot product (attention scores).
-#[inline]
+/// f32 dot product over 8 lanes (attention scores). With `FMA`, call it only from code
+/// compiled with the `fma` target feature (else `mul_add` is a slow library call).
+#[inline(always)]
+pub fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
+        }
+    }
+    for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[i] += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// y += alpha * x (attention's weighted sum of values); `FMA` as for [`dot8`].
+#[inline(always)]
+pub fn axpy8<const FMA: bool>(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = if FMA { alpha.mul_add(*x, *y) } else { *y + alpha * x };
+    }
+}
+
+/// [`dot8`], with FMA where the processor has it.
 pub fn dot_f32(a: &[f32], b: &[f32], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: as above.
+        // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
         return unsafe { avx2::dot_f32(a, b) };
     }
-    let mut acc = [0f32; 8];
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        acc[i & 7] += x * y;
-    }
-    acc.iter().sum()
+    dot8::<false>(a, b)
 }
 
-/// y += alpha * x (attention's weighted sum of values).
-#[inline]
+/// [`axpy8`], with FMA where the processor has it.
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: as above.
         return unsafe { avx2::axpy(y, alpha, x) };
     }
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+    axpy8::<false>(y, alpha, x)
 }
 
 /// Dot product of a float weight row (`F32`, `F16`, `BF16`) with f32 activations.
@@ -265,35 +285,11 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), _mm256_loadu_ps(b.as_ptr().add(i + 8)), s1);
-            i += 16;
-        }
-        let mut s = hsum(_mm256_add_ps(s0, s1));
-        while i < n {
-            s += a[i] * b[i];
-            i += 1;
-        }
-        s
+        dot8::<true>(a, b)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let av = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= n {
-            let yp = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(yp, _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp)));
-            i += 8;
-        }
-        while i < n {
-            y[i] += alpha * x[i];
-            i += 1;
-        }
+        axpy8::<true>(y, alpha, x)
     }
 }
