@@ -119,8 +119,9 @@ fn fast_backend_is_close_to_exact_for_every_type() {
         let fast = l.runner(BackendKind::Cpu, 16).unwrap().forward(&PROMPT, 0, true).unwrap();
         // The fast path rounds activations to 8 bits per 32-value block before each
         // quantized matmul (relative error ~0.4% per value, 14 matmuls deep); float
-        // weights take the f32 path and agree to rounding.
-        let bound = if ty.block_size() > 1 { 1e-3 } else { 1e-9 };
+        // weights take the f32 path, and only the f16 KV cache (2^-11 relative per value)
+        // separates them from the reference.
+        let bound = if ty.block_size() > 1 { 1e-3 } else { 1e-6 };
         let e = nmse(&fast, &exact);
         eprintln!("{ty}: fast vs exact NMSE {e:.2e}");
         assert!(e < bound, "{ty}: NMSE {e:e} >= {bound:e}");
@@ -133,13 +134,18 @@ fn simd_and_scalar_fast_paths_agree() {
         eprintln!("SKIPPED simd_and_scalar_fast_paths_agree: no AVX2 on this machine");
         return;
     }
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in TYPES {
         let l = Loaded::open(&tiny_model(ty, 512)).unwrap();
         let simd = l.runner(BackendKind::Cpu, 16).unwrap().forward(&PROMPT, 0, true).unwrap();
         let m = Arc::new(Model::load(Cpu::scalar_fast(), &l.gguf).unwrap());
         let scalar = Runner::new(m, 16).unwrap().forward(&PROMPT, 0, true).unwrap();
-        // Same integer block sums; only f32 accumulation order differs.
-        assert_close(&format!("{ty}"), &simd, &scalar, 1e-4, 1e-4);
+        let e = nmse(&simd, &scalar);
+        eprintln!("{ty}: simd vs scalar NMSE {e:.2e}");
+        // Same integer block sums; the f32 accumulation order differs, which usually stays at
+        // rounding level (~1e-13), but can move an activation across a rounding boundary of
+        // the 8-bit activation quantizer (one step: 1/127 of its block's largest value),
+        // which later layers carry on. The kernels themselves are compared in tests/quant.rs.
+        assert!(e < 1e-4, "{ty}: NMSE {e:e}");
     }
 }
 

@@ -173,7 +173,7 @@ fn activation_quantizer_is_accurate() {
 }
 
 /// The four-token prefill kernel equals four single-token dot products, and the attention
-/// helpers equal plain loops, on lengths that are not multiples of the vector width.
+/// helpers (f32 queries against the f16 KV cache) equal f64 math, on lengths that are not multiples of the vector width.
 #[test]
 fn multi_token_and_attention_kernels_match() {
     for simd in [false, dot::has_avx2()] {
@@ -198,16 +198,18 @@ fn multi_token_and_attention_kernels_match() {
         }
         for n in [1usize, 7, 8, 17, 64, 100] {
             let a = ramp(n, 1);
-            let b = ramp(n, 2);
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let got = dot::dot_f32(&a, &b, simd);
-            assert!((got as f64 - want).abs() <= 1e-5 * n as f64, "dot_f32 n={n} simd={simd}: {got} vs {want}");
+            let b: Vec<half::f16> = ramp(n, 2).iter().map(|&x| half::f16::from_f32(x)).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * y.to_f64()).sum();
+            let norm: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * y.to_f64()).abs()).sum();
+            let got = dot::dot_f16(&a, &b, simd);
+            // The f16 values are exact in f32; only f32 rounding of the sum remains.
+            assert!((got as f64 - want).abs() <= 1e-6 * norm + 1e-7, "dot_f16 n={n} simd={simd}: {got} vs {want}");
             let mut y = ramp(n, 3);
             let mut y2 = y.clone();
-            dot::axpy(&mut y, 0.37, &a, simd);
-            y2.iter_mut().zip(&a).for_each(|(y, x)| *y += 0.37 * x);
+            dot::axpy_f16(&mut y, 0.37, &b, simd);
+            y2.iter_mut().zip(&b).for_each(|(y, x)| *y += 0.37 * x.to_f32());
             // FMA rounds once, the plain loop twice: half an ulp apart at most.
-            assert_close(&format!("axpy n={n} simd={simd}"), &y, &y2, 1e-6, 1e-6);
+            assert_close(&format!("axpy_f16 n={n} simd={simd}"), &y, &y2, 1e-6, 1e-6);
         }
     }
 }

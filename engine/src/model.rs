@@ -182,8 +182,8 @@ impl<B: Backend> Model<B> {
 /// One conversation's state: the KV cache, indexed by position, and scratch buffers.
 /// Rewinding (a rejected draft, an edited prompt) needs no copy: later writes overwrite.
 pub struct Session<B: Backend> {
-    k_cache: Vec<B::Buf>, // per layer: (capacity, kv_dim)
-    v_cache: Vec<B::Buf>, // per layer: (capacity, kv_dim)
+    k_cache: Vec<B::Kv>, // per layer: (capacity, kv_dim)
+    v_cache: Vec<B::Kv>, // per layer: (capacity, kv_dim)
     capacity: usize,
     batch: usize,
     x: B::Buf,      // (batch, n_embd) residual stream
@@ -204,8 +204,8 @@ impl<B: Backend> Session<B> {
         let cap = capacity.clamp(1, c.n_ctx);
         let kvd = c.n_kv_head * c.head_dim;
         let mut s = Session {
-            k_cache: (0..c.n_layer).map(|_| b.alloc(cap * kvd)).collect::<Result<_>>()?,
-            v_cache: (0..c.n_layer).map(|_| b.alloc(cap * kvd)).collect::<Result<_>>()?,
+            k_cache: (0..c.n_layer).map(|_| b.alloc_kv(cap * kvd)).collect::<Result<_>>()?,
+            v_cache: (0..c.n_layer).map(|_| b.alloc_kv(cap * kvd)).collect::<Result<_>>()?,
             capacity: cap,
             batch: 0,
             x: b.alloc(0)?,
@@ -261,7 +261,7 @@ impl<B: Backend> Session<B> {
         let cap = need.max(self.capacity.saturating_mul(2)).min(c.n_ctx);
         let kvd = c.n_kv_head * c.head_dim;
         for buf in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
-            m.backend.grow(buf, cap * kvd)?;
+            m.backend.grow_kv(buf, cap * kvd)?;
         }
         self.capacity = cap;
         Ok(())
@@ -302,8 +302,8 @@ impl<B: Backend> Session<B> {
             b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xb, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
             b.rope(&mut self.q, n, c.n_head, c.head_dim, pos0, &m.rope)?;
             b.rope(&mut self.k, n, c.n_kv_head, c.head_dim, pos0, &m.rope)?;
-            b.copy_rows(&self.k, 0, &mut self.k_cache[li], pos0, n, kvd)?;
-            b.copy_rows(&self.v, 0, &mut self.v_cache[li], pos0, n, kvd)?;
+            b.store_kv(&self.k, &mut self.k_cache[li], pos0, n, kvd)?;
+            b.store_kv(&self.v, &mut self.v_cache[li], pos0, n, kvd)?;
             b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, n, pos0, s)?;
             b.matmul(&l.wo, &self.att, n, &mut self.xb)?;
             b.add(&mut self.x, &self.xb, n * d)?;

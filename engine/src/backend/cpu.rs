@@ -10,6 +10,7 @@ use super::{AttnShape, Backend, Rope};
 use crate::gguf::{Gguf, MappedBytes, TensorInfo};
 use crate::quant::{dequantize, GgmlType, Q8Act, QK};
 use anyhow::{bail, Result};
+use half::f16;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,9 +76,17 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// The CPU KV cache: f32 in the exact mode (the reference keeps every bit), f16 in the fast
+/// mode (half the memory traffic, which dominates decode at long contexts).
+pub enum CpuKv {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
 impl Backend for Cpu {
     type Weight = CpuWeight;
     type Buf = Vec<f32>;
+    type Kv = CpuKv;
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
@@ -109,6 +118,34 @@ impl Backend for Cpu {
     fn grow(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
         if len > buf.len() {
             buf.resize(len, 0.0);
+        }
+        Ok(())
+    }
+
+    fn alloc_kv(&self, len: usize) -> Result<CpuKv> {
+        Ok(match self.mode {
+            CpuMode::Exact => CpuKv::F32(vec![0.0; len]),
+            CpuMode::Fast => CpuKv::F16(vec![f16::ZERO; len]),
+        })
+    }
+
+    fn grow_kv(&self, kv: &mut CpuKv, len: usize) -> Result<()> {
+        match kv {
+            CpuKv::F32(v) if len > v.len() => v.resize(len, 0.0),
+            CpuKv::F16(v) if len > v.len() => v.resize(len, f16::ZERO),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn store_kv(&self, src: &Vec<f32>, kv: &mut CpuKv, pos0: usize, n: usize, width: usize) -> Result<()> {
+        let (from, range) = (&src[..n * width], pos0 * width..(pos0 + n) * width);
+        match kv {
+            CpuKv::F32(v) => v[range].copy_from_slice(from),
+            CpuKv::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v[range].convert_from_f32_slice(from);
+            }
         }
         Ok(())
     }
@@ -246,16 +283,19 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, out: &mut Vec<f32>, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
-        if self.mode == CpuMode::Fast {
-            attention_split(q, k, v, out, n, pos0, s, self.simd);
-            return Ok(());
-        }
+    fn attention(&self, q: &Vec<f32>, k: &CpuKv, v: &CpuKv, out: &mut Vec<f32>, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
+        let (k, v) = match (k, v) {
+            (CpuKv::F16(k), CpuKv::F16(v)) => {
+                attention_split(q, k, v, out, n, pos0, s, self.simd);
+                return Ok(());
+            }
+            (CpuKv::F32(k), CpuKv::F32(v)) => (k, v),
+            _ => bail!("K and V caches of different types"),
+        };
         // The reference: one (token, head) row at a time, plain softmax over all its keys.
         let (hd, kvd) = (s.head_dim, s.kv_dim());
         let group = s.n_head / s.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
-        let simd = false;
         out[..n * s.q_dim()].par_chunks_mut(hd).enumerate().for_each_init(
             || Vec::with_capacity(pos0 + n),
             |scores: &mut Vec<f32>, (i, o)| {
@@ -267,7 +307,7 @@ impl Backend for Cpu {
                 let mut max = f32::NEG_INFINITY;
                 for j in 0..len {
                     let kr = &k[j * kvd + kvo..j * kvd + kvo + hd];
-                    let d = dot::dot_f32(qh, kr, simd) * scale;
+                    let d = dot::dot_f32(qh, kr) * scale;
                     max = max.max(d);
                     scores.push(d);
                 }
@@ -279,7 +319,7 @@ impl Backend for Cpu {
                 o.fill(0.0);
                 for (j, p) in scores.iter().enumerate() {
                     let vr = &v[j * kvd + kvo..j * kvd + kvo + hd];
-                    dot::axpy(o, p / sum, vr, simd);
+                    dot::axpy(o, p / sum, vr);
                 }
             },
         );
@@ -314,7 +354,7 @@ const ATT_KEYS: usize = 256;
 /// Chunk boundaries are fixed positions and each query row's arithmetic does not depend on
 /// the other rows of its tile, so a token's result is the same in any batch.
 #[allow(clippy::too_many_arguments)]
-fn attention_split(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: usize, pos0: usize, s: AttnShape, simd: bool) {
+fn attention_split(q: &[f32], k: &[f16], v: &[f16], out: &mut [f32], n: usize, pos0: usize, s: AttnShape, simd: bool) {
     let (hd, nh, nkv) = (s.head_dim, s.n_head, s.n_kv_head);
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -352,7 +392,7 @@ fn attention_split(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: usize, p
             }
             let w = (pr[0] - m).exp();
             sum += pr[1] * w;
-            dot::axpy(o, w, &pr[2..], simd);
+            dot::axpy(o, w, &pr[2..]);
         }
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|x| *x *= inv);
@@ -361,8 +401,8 @@ fn attention_split(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: usize, p
 
 struct AttnTask<'a> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: &'a [f16], // (positions, kv_dim)
+    v: &'a [f16], // (positions, kv_dim)
     pos0: usize,
     n: usize,
     s: AttnShape,
@@ -408,7 +448,7 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
         let kr = &k[j * kvd + g * hd..][..hd];
         for t in (t0..t1).filter(|&t| j < end(t)) {
             for hh in 0..group {
-                scores[row_of(t, hh) * ATT_KEYS + j - k0] = dot::dot8::<FMA>(q_of(t, hh), kr) * c.scale;
+                scores[row_of(t, hh) * ATT_KEYS + j - k0] = dot::dot8_h::<FMA>(q_of(t, hh), kr) * c.scale;
             }
         }
     }
@@ -431,7 +471,7 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
         for t in (t0..t1).filter(|&t| j < end(t)) {
             for hh in 0..group {
                 let r = row_of(t, hh);
-                dot::axpy8::<FMA>(&mut p[r * stride + 2..(r + 1) * stride], scores[r * ATT_KEYS + j - k0], vr);
+                dot::axpy8_h::<FMA>(&mut p[r * stride + 2..(r + 1) * stride], scores[r * ATT_KEYS + j - k0], vr);
             }
         }
     }

@@ -62,50 +62,125 @@ pub fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4], simd: bool) -> [f32; 4]
     a.map(|a| dot_q(ty, row, a, simd))
 }
 
-/// f32 dot product over 8 lanes (attention scores). With `FMA`, call it only from code
-/// compiled with the `fma` target feature (else `mul_add` is a slow library call).
-#[inline(always)]
-pub fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+/// f32 dot product over 8 lanes (the reference attention's scores).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
-        }
-    }
-    for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
-        acc[i] += x * y;
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        acc[i & 7] += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
-/// y += alpha * x (attention's weighted sum of values); `FMA` as for [`dot8`].
-#[inline(always)]
-pub fn axpy8<const FMA: bool>(y: &mut [f32], alpha: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = if FMA { alpha.mul_add(*x, *y) } else { *y + alpha * x };
-    }
+/// y += alpha * x (the reference attention's weighted sum of values).
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
 }
 
-/// [`dot8`], with FMA where the processor has it.
-pub fn dot_f32(a: &[f32], b: &[f32], simd: bool) -> f32 {
+/// f32 against f16 dot product (attention over the fast path's f16 KV cache), checked
+/// dispatch to the AVX2 code.
+pub fn dot_f16(a: &[f32], b: &[f16], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
-        return unsafe { avx2::dot_f32(a, b) };
+    if simd && has_avx2() {
+        // SAFETY: the processor has AVX2, FMA and F16C (checked just above).
+        return unsafe { avx2::dot_f16(a, b) };
     }
-    dot8::<false>(a, b)
+    dot8_h::<false>(a, b)
 }
 
-/// [`axpy8`], with FMA where the processor has it.
-pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32], simd: bool) {
+/// y += alpha * x with f16 `x`, checked dispatch as [`dot_f16`].
+pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    if simd {
+    if simd && has_avx2() {
         // SAFETY: as above.
-        return unsafe { avx2::axpy(y, alpha, x) };
+        return unsafe { avx2::axpy_f16(y, alpha, x) };
     }
-    axpy8::<false>(y, alpha, x)
+    axpy8_h::<false>(y, alpha, x)
+}
+
+/// f32 against f16 dot product, inlined into the attention kernel. With `FMA` it is explicit
+/// AVX2, FMA and F16C code: only for callers that run with those features.
+#[inline(always)]
+pub(crate) fn dot8_h<const FMA: bool>(a: &[f32], b: &[f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA callers run with AVX2, FMA and F16C.
+        return unsafe { inline_avx2::dot_h(a, b) };
+    }
+    let mut acc = [0f32; 8];
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        acc[i & 7] += x * y.to_f32();
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// y += alpha * x with f16 `x`, inlined; `FMA` as for [`dot8_h`].
+#[inline(always)]
+pub(crate) fn axpy8_h<const FMA: bool>(y: &mut [f32], alpha: f32, x: &[f16]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as above.
+        return unsafe { inline_avx2::axpy_h(y, alpha, x) };
+    }
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x.to_f32());
+}
+
+/// Intrinsics without a target_feature attribute of their own: they are inlined into the
+/// AVX2-compiled kernels that call them, and must only be reached from those.
+#[cfg(target_arch = "x86_64")]
+mod inline_avx2 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[inline(always)]
+    unsafe fn load_h(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[inline(always)]
+    pub unsafe fn dot_h(a: &[f32], b: &[f16]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_h(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), load_h(pb.add(i + 8)), s1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_h(pb.add(i)), s0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(s0, s1));
+        while i < n {
+            s += a[i] * b[i].to_f32();
+            i += 1;
+        }
+        s
+    }
+
+    #[inline(always)]
+    pub unsafe fn axpy_h(y: &mut [f32], alpha: f32, x: &[f16]) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let av = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(av, load_h(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        while i < n {
+            y[i] += alpha * x[i].to_f32();
+            i += 1;
+        }
+    }
 }
 
 /// Dot product of a float weight row (`F32`, `F16`, `BF16`) with f32 activations.
@@ -284,12 +359,12 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        dot8::<true>(a, b)
+    pub unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+        dot8_h::<true>(a, b)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        axpy8::<true>(y, alpha, x)
+    pub unsafe fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
+        axpy8_h::<true>(y, alpha, x)
     }
 }

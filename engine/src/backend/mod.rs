@@ -28,8 +28,11 @@ impl AttnShape {
 pub trait Backend: Send + Sync + 'static {
     /// A weight tensor as the backend keeps it (quantized blocks stay quantized).
     type Weight: Send + Sync;
-    /// An f32 activation or KV-cache buffer.
+    /// An f32 activation buffer.
     type Buf: Send;
+    /// A KV-cache buffer (rows of `kv_dim` values, one per position), in the backend's
+    /// storage type.
+    type Kv: Send;
 
     fn name(&self) -> String;
     /// Run a whole forward pass (the backend may set up threads or a stream around it).
@@ -38,8 +41,14 @@ pub trait Backend: Send + Sync + 'static {
     }
     fn load_weight(&self, file: &Gguf, t: &TensorInfo) -> Result<Self::Weight>;
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
-    /// Grow `buf` to `len` values, keeping its contents (KV caches grow with the request).
+    /// Grow `buf` to `len` values, keeping its contents.
     fn grow(&self, buf: &mut Self::Buf, len: usize) -> Result<()>;
+    /// A KV cache of `len` values.
+    fn alloc_kv(&self, len: usize) -> Result<Self::Kv>;
+    /// Grow a KV cache to `len` values, keeping its contents (caches grow with the request).
+    fn grow_kv(&self, kv: &mut Self::Kv, len: usize) -> Result<()>;
+    /// Cache rows `pos0..pos0+n` = rows `0..n` of `src` (width `width`).
+    fn store_kv(&self, src: &Self::Buf, kv: &mut Self::Kv, pos0: usize, n: usize, width: usize) -> Result<()>;
 
     /// out(t, :) = table row `tokens[t]`, dequantized. table: (vocab, dim).
     fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Buf) -> Result<()>;
@@ -57,12 +66,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Rotate adjacent pairs of the first `rope.dims` values of each head of each row,
     /// row `t` being at position `pos0 + t`.
     fn rope(&self, x: &mut Self::Buf, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()>;
-    /// dst rows `dst_row..dst_row+n` = src rows `src_row..src_row+n`, rows of `width` values
-    /// (stores K and V into the cache, picks the last row for the logits).
+    /// dst rows `dst_row..dst_row+n` = src rows `src_row..src_row+n`, rows of `width` values.
     fn copy_rows(&self, src: &Self::Buf, src_row: usize, dst: &mut Self::Buf, dst_row: usize, n: usize, width: usize) -> Result<()>;
     /// Causal attention of `n` query rows at positions `pos0..pos0+n` over cache rows `0..pos0+n`.
     /// q: (n, q_dim), caches: (capacity, kv_dim), out: (n, q_dim).
-    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, n: usize, pos0: usize, s: AttnShape) -> Result<()>;
+    fn attention(&self, q: &Self::Buf, k: &Self::Kv, v: &Self::Kv, out: &mut Self::Buf, n: usize, pos0: usize, s: AttnShape) -> Result<()>;
     /// gate = silu(gate) * up, elementwise over `len` values.
     fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
     /// x += y over `len` values.
