@@ -5,7 +5,7 @@
 //!     cargo bench --bench matmul
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flint::backend::dot::{self, Q8Row};
+use flint::backend::dot::{self, Isa, Q8Row};
 use flint::quant::{quantize, GgmlType, Q8Act};
 
 fn matrix(ty: GgmlType, rows: usize, k: usize) -> Vec<u8> {
@@ -27,18 +27,15 @@ fn bench_matvec(c: &mut Criterion) {
             let w = matrix(ty, rows, k);
             let rb = w.len() / rows;
             g.throughput(Throughput::Bytes(w.len() as u64));
-            let variants: &[(&str, bool)] = if ty == GgmlType::F16 { &[("f32-acc", false)] } else { &[("scalar", false), ("avx2", true)] };
-            for &(name, simd) in variants {
-                if simd && !dot::has_avx2() {
-                    eprintln!("skipping {ty} avx2: no AVX2 on this machine");
-                    continue;
-                }
+            let isas = if ty == GgmlType::F16 { vec![Isa::scalar()] } else { Isa::available() };
+            for isa in isas {
+                let name = if ty == GgmlType::F16 { "f32-acc" } else { isa.name() };
                 g.bench_with_input(BenchmarkId::new(ty.name(), name), &w, |b, w| {
                     let mut out = vec![0f32; rows];
                     b.iter(|| {
                         for (r, o) in out.iter_mut().enumerate() {
                             let row = &w[r * rb..(r + 1) * rb];
-                            *o = if ty == GgmlType::F16 { dot::dot_float(ty, row, &x) } else { dot::dot_q(ty, row, a, simd) };
+                            *o = if ty == GgmlType::F16 { dot::dot_float(ty, row, &x) } else { dot::dot_q(ty, row, a, isa) };
                         }
                         std::hint::black_box(&out);
                     })

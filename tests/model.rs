@@ -130,15 +130,23 @@ fn fast_backend_is_close_to_exact_for_every_type() {
 
 #[test]
 fn simd_and_scalar_fast_paths_agree() {
-    if !flint::backend::dot::has_avx2() {
+    use flint::backend::cpu::CpuMode;
+    use flint::backend::dot::Isa;
+    if Isa::available().len() == 1 {
         eprintln!("SKIPPED simd_and_scalar_fast_paths_agree: no AVX2 on this machine");
         return;
     }
     for ty in TYPES {
         let l = Loaded::open(&tiny_model(ty, 512)).unwrap();
         let simd = l.runner(BackendKind::Cpu, 16).unwrap().forward(&PROMPT, 0, true).unwrap();
-        let m = Arc::new(Model::load(Cpu::scalar_fast(), &l.gguf).unwrap());
+        let m = Arc::new(Model::load(Cpu::with_isa(CpuMode::Fast, Isa::scalar()), &l.gguf).unwrap());
         let scalar = Runner::new(m, 16).unwrap().forward(&PROMPT, 0, true).unwrap();
+        // Every SIMD level gives the same bits as the best one.
+        for isa in &Isa::available()[1..] {
+            let m = Arc::new(Model::load(Cpu::with_isa(CpuMode::Fast, *isa), &l.gguf).unwrap());
+            let other = Runner::new(m, 16).unwrap().forward(&PROMPT, 0, true).unwrap();
+            assert!(other == simd, "{ty}: {} differs from the detected level", isa.name());
+        }
         let e = nmse(&simd, &scalar);
         eprintln!("{ty}: simd vs scalar NMSE {e:.2e}");
         // Same integer block sums; the f32 accumulation order differs, which usually stays at

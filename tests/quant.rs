@@ -3,7 +3,7 @@
 mod common;
 
 use common::assert_close;
-use flint::backend::dot::{self, Q8Row};
+use flint::backend::dot::{self, Isa, Q8Row};
 use flint::quant::{dequantize, quantize, GgmlType, Q8Act};
 use half::{bf16, f16};
 
@@ -110,13 +110,14 @@ fn quantize_round_trip_error_is_bounded() {
     }
 }
 
-/// SIMD and scalar kernels agree, and both match f32 math on the dequantized weights and
+/// Every instruction set's kernels agree, and match f32 math on the dequantized weights and
 /// activations. Lengths: 1, 2, 3, 18 (a SmolLM2 row), 37 and 48 blocks.
 #[test]
 fn dot_kernels_match_f32_reference() {
-    let simd = dot::has_avx2();
-    if !simd {
-        eprintln!("SKIPPED (partly) dot_kernels_match_f32_reference: no AVX2 here, scalar kernels only");
+    let isas = Isa::available();
+    eprintln!("kernels tested: {:?}", isas.iter().map(|i| i.name()).collect::<Vec<_>>());
+    if isas.len() < 3 {
+        eprintln!("SKIPPED (partly) dot_kernels_match_f32_reference: this processor lacks AVX2 or AVX-512 VNNI; those kernels are untested here");
     }
     for nb in [1usize, 2, 3, 18, 37, 48] {
         let k = nb * 32;
@@ -134,15 +135,19 @@ fn dot_kernels_match_f32_reference() {
             // Reference: f64 sum over the dequantized weights and the dequantized activations.
             let reference = wd.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
             let norm = wd.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() as f32;
-            let scalar = dot::dot_q(ty, &row, a, false);
+            let scalar = dot::dot_q(ty, &row, a, Isa::scalar());
             // Integer block sums are exact; what differs is f32 rounding of the per-block
             // scales and their accumulation: a few ulps of the sum of magnitudes.
             let tol = 1e-5 * norm + 1e-6;
             assert!((scalar - reference).abs() <= tol, "{ty} x{nb}: scalar {scalar} vs {reference}");
-            if simd {
-                let v = dot::dot_q(ty, &row, a, true);
-                assert!((v - scalar).abs() <= tol, "{ty} x{nb}: avx2 {v} vs scalar {scalar}");
+            let mut simd_results = Vec::new();
+            for &isa in &isas[1..] {
+                let v = dot::dot_q(ty, &row, a, isa);
+                assert!((v - scalar).abs() <= tol, "{ty} x{nb}: {} {v} vs scalar {scalar}", isa.name());
+                simd_results.push(v);
             }
+            // AVX2 and VNNI form the same integer sums in the same order: identical bits.
+            assert!(simd_results.windows(2).all(|w| w[0] == w[1]), "{ty} x{nb}: SIMD levels differ {simd_results:?}");
         }
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
             let mut row = Vec::new();
@@ -176,7 +181,7 @@ fn activation_quantizer_is_accurate() {
 /// helpers (f32 queries against the f16 KV cache) equal f64 math, on lengths that are not multiples of the vector width.
 #[test]
 fn multi_token_and_attention_kernels_match() {
-    for simd in [false, dot::has_avx2()] {
+    for isa in Isa::available() {
         for nb in [1usize, 3, 18] {
             let k = nb * 32;
             let acts: Vec<Q8Act> = (0..4)
@@ -190,10 +195,10 @@ fn multi_token_and_attention_kernels_match() {
             for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
                 let mut w = Vec::new();
                 quantize(ty, &ramp(k, nb), &mut w).unwrap();
-                let four = dot::dot_q_x4(ty, &w, [rows[0], rows[1], rows[2], rows[3]], simd);
-                let one: Vec<f32> = rows.iter().map(|&a| dot::dot_q(ty, &w, a, false)).collect();
-                // Same integer block sums; f32 accumulation order differs.
-                assert_close(&format!("{ty} x4 simd={simd} nb={nb}"), &four, &one, 1e-4, 1e-5);
+                let four = dot::dot_q_x4(ty, &w, [rows[0], rows[1], rows[2], rows[3]], isa);
+                let one: Vec<f32> = rows.iter().map(|&a| dot::dot_q(ty, &w, a, isa)).collect();
+                // The same operations in the same order for each token: identical bits.
+                assert_eq!(four.to_vec(), one, "{ty} x4 {} nb={nb}", isa.name());
             }
         }
         for n in [1usize, 7, 8, 17, 64, 100] {
@@ -201,15 +206,15 @@ fn multi_token_and_attention_kernels_match() {
             let b: Vec<half::f16> = ramp(n, 2).iter().map(|&x| half::f16::from_f32(x)).collect();
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * y.to_f64()).sum();
             let norm: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * y.to_f64()).abs()).sum();
-            let got = dot::dot_f16(&a, &b, simd);
+            let got = dot::dot_f16(&a, &b, isa);
             // The f16 values are exact in f32; only f32 rounding of the sum remains.
-            assert!((got as f64 - want).abs() <= 1e-6 * norm + 1e-7, "dot_f16 n={n} simd={simd}: {got} vs {want}");
+            assert!((got as f64 - want).abs() <= 1e-6 * norm + 1e-7, "dot_f16 n={n} {}: {got} vs {want}", isa.name());
             let mut y = ramp(n, 3);
             let mut y2 = y.clone();
-            dot::axpy_f16(&mut y, 0.37, &b, simd);
+            dot::axpy_f16(&mut y, 0.37, &b, isa);
             y2.iter_mut().zip(&b).for_each(|(y, x)| *y += 0.37 * x.to_f32());
             // FMA rounds once, the plain loop twice: half an ulp apart at most.
-            assert_close(&format!("axpy_f16 n={n} simd={simd}"), &y, &y2, 1e-6, 1e-6);
+            assert_close(&format!("axpy_f16 n={n} {}", isa.name()), &y, &y2, 1e-6, 1e-6);
         }
     }
 }

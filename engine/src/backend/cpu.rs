@@ -5,7 +5,7 @@
 //!   straight against the weights' blocks with integer SIMD dot products (see [`super::dot`]),
 //!   multi-threaded over output rows. No dequantized copy of the model exists.
 
-use super::dot::{self, Q8Row};
+use super::dot::{self, Isa, Q8Row};
 use super::{AttnShape, Backend, Rope};
 use crate::gguf::{Gguf, MappedBytes, TensorInfo};
 use crate::quant::{dequantize, GgmlType, Q8Act, QK};
@@ -21,7 +21,7 @@ pub enum CpuMode {
 
 pub struct Cpu {
     pub mode: CpuMode,
-    simd: bool,
+    isa: Isa,
     /// The backend's own threads. A forward pass runs inside the pool, so the calling
     /// thread works as one of them instead of sleeping through each of the ~150 parallel
     /// regions of a decode step.
@@ -30,19 +30,16 @@ pub struct Cpu {
 
 impl Cpu {
     pub fn new(mode: CpuMode) -> Self {
-        Self::with(mode, dot::has_avx2())
+        Self::with_isa(mode, Isa::detect())
     }
-    /// The fast mode without SIMD (to test the SIMD kernels against the scalar ones).
-    pub fn scalar_fast() -> Self {
-        Self::with(CpuMode::Fast, false)
-    }
-    fn with(mode: CpuMode, simd: bool) -> Self {
+    /// A given instruction set (to test the kernels against each other).
+    pub fn with_isa(mode: CpuMode, isa: Isa) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
             .thread_name(|i| format!("flint-cpu-{i}"))
             .build()
             .expect("cannot start the CPU backend's threads");
-        Cpu { mode, simd, pool }
+        Cpu { mode, isa, pool }
     }
 }
 
@@ -98,7 +95,7 @@ impl Backend for Cpu {
             CpuMode::Fast => format!(
                 "cpu ({} threads, {})",
                 self.pool.current_num_threads(),
-                if self.simd { "avx2" } else { "scalar" }
+                self.isa.name()
             ),
         }
     }
@@ -201,7 +198,7 @@ impl Backend for Cpu {
             act.quantize_into(&x[..n * k]);
         }
         let nb = k / QK;
-        let simd = self.simd;
+        let isa = self.isa;
         let exact = self.mode == CpuMode::Exact;
         tasks.par_iter().for_each_init(
             || vec![0f32; if exact { k } else { 0 }],
@@ -234,13 +231,13 @@ impl Backend for Cpu {
                     for r in rows.clone() {
                         let row = w.row(r);
                         for t in (0..n4).step_by(4) {
-                            let v = dot::dot_q_x4(w.ty, row, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], simd);
+                            let v = dot::dot_q_x4(w.ty, row, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], isa);
                             for (j, v) in v.into_iter().enumerate() {
                                 unsafe { *{ o }.0.add((t + j) * m + r) = v };
                             }
                         }
                         for t in n4..n {
-                            let v = dot::dot_q(w.ty, row, act_row(t), simd);
+                            let v = dot::dot_q(w.ty, row, act_row(t), isa);
                             unsafe { *{ o }.0.add(t * m + r) = v };
                         }
                     }
@@ -286,7 +283,7 @@ impl Backend for Cpu {
     fn attention(&self, q: &Vec<f32>, k: &CpuKv, v: &CpuKv, out: &mut Vec<f32>, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
         let (k, v) = match (k, v) {
             (CpuKv::F16(k), CpuKv::F16(v)) => {
-                attention_split(q, k, v, out, n, pos0, s, self.simd);
+                attention_split(q, k, v, out, n, pos0, s, self.isa.simd());
                 return Ok(());
             }
             (CpuKv::F32(k), CpuKv::F32(v)) => (k, v),
@@ -369,7 +366,7 @@ fn attention_split(q: &[f32], k: &[f16], v: &[f16], out: &mut [f32], n: usize, p
         |scores, (task, p)| {
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
+                // SAFETY: `simd` is Isa::simd(): AVX2, FMA and F16C were detected.
                 return unsafe { attention_task_avx2(&ctx, task, p, scores) };
             }
             attention_task::<false>(&ctx, task, p, scores)

@@ -21,45 +21,81 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Scalar,
+    Avx2,
+    /// AVX2 plus AVX-512 VNNI's 256-bit `vpdpbusd` (u8 x i8 dot products in one instruction).
+    Vnni,
+}
+
+/// The instruction set the kernels use. Only detection makes one, so a safe call can never
+/// run instructions the processor lacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Isa(Level);
+
+impl Isa {
+    pub fn scalar() -> Isa {
+        Isa(Level::Scalar)
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    /// The best this processor runs.
+    pub fn detect() -> Isa {
+        *Isa::available().last().expect("scalar is always available")
+    }
+    /// Every level this processor runs, scalar first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa(Level::Scalar)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                v.push(Isa(Level::Avx2));
+                if has!("avx512vnni") && has!("avx512vl") {
+                    v.push(Isa(Level::Vnni));
+                }
+            }
+        }
+        v
+    }
+    pub fn simd(self) -> bool {
+        self.0 != Level::Scalar
+    }
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Vnni => "avx2+avx512vnni",
+        }
     }
 }
 
 /// Dot product of one quantized weight row (`Q4_0`, `Q4_1` or `Q8_0`) with quantized activations.
 #[inline]
-pub fn dot_q(ty: GgmlType, row: &[u8], a: Q8Row, simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
-        return unsafe { avx2::dot::<1>(ty, row, [a])[0] };
-    }
-    let _ = simd;
-    match ty {
-        GgmlType::Q4_0 => scalar::dot_q4_0(row, a),
-        GgmlType::Q4_1 => scalar::dot_q4_1(row, a),
-        _ => scalar::dot_q8_0(row, a),
-    }
+pub fn dot_q(ty: GgmlType, row: &[u8], a: Q8Row, isa: Isa) -> f32 {
+    dot_q_n(ty, row, [a], isa)[0]
 }
 
 /// Four tokens at once against one quantized weight row (prefill): each weight block is
 /// unpacked once and used four times.
 #[inline]
-pub fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4], simd: bool) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when has_avx2() reported AVX2, FMA and F16C.
-        return unsafe { avx2::dot::<4>(ty, row, a) };
+pub fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4], isa: Isa) -> [f32; 4] {
+    dot_q_n(ty, row, a, isa)
+}
+
+#[inline]
+fn dot_q_n<const N: usize>(ty: GgmlType, row: &[u8], a: [Q8Row; N], isa: Isa) -> [f32; N] {
+    match isa.0 {
+        // SAFETY: an Isa of these levels exists only where detection found their features.
+        #[cfg(target_arch = "x86_64")]
+        Level::Vnni => unsafe { avx2::dot_vnni::<N>(ty, row, a) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::dot::<N>(ty, row, a) },
+        _ => a.map(|a| match ty {
+            GgmlType::Q4_0 => scalar::dot_q4_0(row, a),
+            GgmlType::Q4_1 => scalar::dot_q4_1(row, a),
+            _ => scalar::dot_q8_0(row, a),
+        }),
     }
-    a.map(|a| dot_q(ty, row, a, simd))
 }
 
 /// f32 dot product over 8 lanes (the reference attention's scores).
@@ -78,19 +114,19 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 
 /// f32 against f16 dot product (attention over the fast path's f16 KV cache), checked
 /// dispatch to the AVX2 code.
-pub fn dot_f16(a: &[f32], b: &[f16], simd: bool) -> f32 {
+pub fn dot_f16(a: &[f32], b: &[f16], isa: Isa) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd && has_avx2() {
-        // SAFETY: the processor has AVX2, FMA and F16C (checked just above).
+    if isa.simd() {
+        // SAFETY: an Isa above scalar exists only where AVX2, FMA and F16C were detected.
         return unsafe { avx2::dot_f16(a, b) };
     }
     dot8_h::<false>(a, b)
 }
 
 /// y += alpha * x with f16 `x`, checked dispatch as [`dot_f16`].
-pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16], simd: bool) {
+pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if simd && has_avx2() {
+    if isa.simd() {
         // SAFETY: as above.
         return unsafe { avx2::axpy_f16(y, alpha, x) };
     }
@@ -304,9 +340,8 @@ mod avx2 {
     /// same operations in the same order whatever N is, so a token's logits do not depend
     /// on the batch it was computed in (speculative verification relies on this: greedy
     /// output with and without it must be identical to the bit).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_n<const N: usize, const TY: u8>(row: &[u8], a: [Q8Row; N]) -> [f32; N] {
+    #[inline(always)]
+    unsafe fn dot_n<const N: usize, const TY: u8, const VNNI: bool>(row: &[u8], a: [Q8Row; N]) -> [f32; N] {
         let bs = [18, 20, 34][TY as usize];
         let nb = row.len() / bs;
         for x in &a {
@@ -333,7 +368,9 @@ mod avx2 {
             for t in 0..N {
                 let x = _mm256_loadu_si256(a[t].qs.as_ptr().add(i * QK) as *const __m256i);
                 let x = if TY == Q8_0 { _mm256_sign_epi8(x, w) } else { x };
-                let prod = dot_u8_i8(wu, x);
+                // Both sum the same four adjacent u8 x i8 products into each i32 lane, without
+                // saturation at these ranges: bit-identical results.
+                let prod = if VNNI { _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, x)) } else { dot_u8_i8(wu, x) };
                 let c = i & 1;
                 acc[t][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * *a[t].d.get_unchecked(i)), prod, acc[t][c]);
                 if TY != Q8_0 {
@@ -352,9 +389,19 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot<const N: usize>(ty: GgmlType, row: &[u8], a: [Q8Row; N]) -> [f32; N] {
         match ty {
-            GgmlType::Q4_0 => dot_n::<N, Q4_0>(row, a),
-            GgmlType::Q4_1 => dot_n::<N, Q4_1>(row, a),
-            _ => dot_n::<N, Q8_0>(row, a),
+            GgmlType::Q4_0 => dot_n::<N, Q4_0, false>(row, a),
+            GgmlType::Q4_1 => dot_n::<N, Q4_1, false>(row, a),
+            _ => dot_n::<N, Q8_0, false>(row, a),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_vnni<const N: usize>(ty: GgmlType, row: &[u8], a: [Q8Row; N]) -> [f32; N] {
+        match ty {
+            GgmlType::Q4_0 => dot_n::<N, Q4_0, true>(row, a),
+            GgmlType::Q4_1 => dot_n::<N, Q4_1, true>(row, a),
+            _ => dot_n::<N, Q8_0, true>(row, a),
         }
     }
 
