@@ -132,3 +132,31 @@ fn pull_is_idempotent() {
     assert_eq!(stdout(&o).lines().last().unwrap(), path.to_str().unwrap());
     assert!(String::from_utf8_lossy(&o.stderr).contains("verified"));
 }
+
+#[test]
+fn speculative_flags() {
+    let m = tiny_model(GgmlType::Q4_1, 512);
+    let ms = m.to_str().unwrap();
+    let pred = temp_dir("pred").join("p.txt");
+    std::fs::write(&pred, "ab ab ab ab").unwrap();
+    let p = pred.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", ms, "--prompt", "ab ab ab ab ab", "--max-tokens", "24", "--json"];
+        args.extend_from_slice(extra);
+        let o = flint(&args);
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()
+    };
+    let plain = run(&[]);
+    assert_eq!(plain["timings"]["forward_passes"], 24);
+    for extra in [&["--speculative", "ngram", "--ngram-min", "1"][..], &["--speculative", "prediction", "--prediction-file", p], &["--speculative", "draft", "--draft", ms, "--draft-len", "3"]] {
+        let v = run(extra);
+        assert_eq!(v["tokens"], plain["tokens"], "{extra:?}");
+        assert!(v["timings"]["drafted"].as_u64().unwrap() > 0, "{extra:?}: {v}");
+        assert!(v["timings"]["accepted"].as_u64().unwrap() <= v["timings"]["drafted"].as_u64().unwrap());
+    }
+    fails_with(&["generate", "--model", ms, "--prompt", "x", "--speculative", "prediction"], "--prediction-file");
+    fails_with(&["generate", "--model", ms, "--prompt", "x", "--speculative", "draft"], "--draft");
+    fails_with(&["generate", "--model", ms, "--prompt", "x", "--speculative", "ngram", "--draft-len", "0"], "--draft-len");
+    fails_with(&["generate", "--model", ms, "--prompt", "x", "--speculative", "prediction", "--prediction-file", "/nonexistent"], "cannot read");
+}

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flint::generate::{Engine, Outcome, Request};
 use flint::sampler::SamplerConfig;
-use flint::speculative::SpecConfig;
+use flint::speculative::{DraftSource, SpecConfig};
 use flint::tokenizer::Message;
 use flint::{pull, synth, BackendKind, Loaded};
 use std::io::{BufRead, Write};
@@ -191,6 +191,11 @@ struct SpecArgs {
     /// Longest draft (default: 8 for ngram, 16 for prediction, 5 for draft).
     #[arg(long)]
     draft_len: Option<usize>,
+    /// Shortest and longest n-gram prompt lookup matches on (default 2 and 4).
+    #[arg(long, default_value_t = 2)]
+    ngram_min: usize,
+    #[arg(long, default_value_t = 4)]
+    ngram_max: usize,
 }
 
 impl SpecArgs {
@@ -203,7 +208,12 @@ impl SpecArgs {
             return Ok(None);
         };
         let mut c = match mode.as_str() {
-            "ngram" => SpecConfig::ngram(),
+            "ngram" => {
+                if self.ngram_min == 0 || self.ngram_min > self.ngram_max || self.ngram_max > 64 {
+                    bail!("--ngram-min and --ngram-max need 1 <= min <= max <= 64");
+                }
+                SpecConfig { source: DraftSource::Ngram { min_n: self.ngram_min, max_n: self.ngram_max }, ..SpecConfig::ngram() }
+            }
             "prediction" => {
                 let f = self.prediction_file.as_ref().context("--speculative prediction needs --prediction-file F")?;
                 let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
