@@ -244,3 +244,22 @@ fn a_draft_model_is_required_for_draft_mode() {
     let err = e.generate(r, None).err().unwrap().to_string();
     assert!(err.contains("draft model"), "{err}");
 }
+
+/// The repetition penalty sees accepted draft tokens as history, exactly as plain decoding
+/// sees its own output.
+#[test]
+fn repetition_penalty_is_applied_the_same_way() {
+    let l = Loaded::open(&tiny_model(GgmlType::Q4_1, 512)).unwrap();
+    let prompt = l.tokenizer.encode("abc abd abc abd abc abd abc", false).unwrap();
+    let pen = SamplerConfig { repeat_penalty: 1.3, repeat_last_n: 16, ..SamplerConfig::greedy() };
+    let mut e = l.engine(BackendKind::Cpu, 256).unwrap();
+    let plain = run(&mut e, &prompt, 40, pen.clone(), None);
+    let unpenalised = run(&mut e, &prompt, 40, SamplerConfig::greedy(), None);
+    assert_ne!(plain.tokens, unpenalised.tokens, "the penalty must matter for this test to mean anything");
+    for spec in [SpecConfig::ngram(), SpecConfig::prediction(plain.tokens.clone())] {
+        e.reset();
+        let o = run(&mut e, &prompt, 40, pen.clone(), Some(spec));
+        assert_eq!(o.tokens, plain.tokens);
+        assert!(o.timings.accepted > 0);
+    }
+}

@@ -246,13 +246,19 @@ impl Generation<'_> {
             Some(d) if room > 0 => d.draft(&self.context, self.generated.len(), room, self.engine.draft.as_mut())?,
             _ => Default::default(),
         };
-        let logits = self.run_model(&draft.tokens)?;
+        let mut logits = self.run_model(&draft.tokens)?;
         let v = self.engine.fwd.config().n_vocab;
-        let mut history = self.context.clone();
+        // Row i's history (for the repetition penalty) is the context plus draft[..i]; only
+        // a repetition penalty needs it built.
+        let mut history = if self.sampler.cfg.repeat_penalty != 1.0 && !draft.tokens.is_empty() {
+            self.context.clone()
+        } else {
+            Vec::new()
+        };
         let mut accepted = 0;
-        for i in 0..=draft.tokens.len() {
-            let mut row = logits[i * v..(i + 1) * v].to_vec();
-            let dist = self.sampler.distribution(&mut row, &history).to_vec();
+        for (i, row) in logits.chunks_exact_mut(v).enumerate() {
+            let hist = if history.is_empty() { &self.context[..] } else { &history[..] };
+            let dist = self.sampler.distribution(row, hist).to_vec();
             let Some(&d) = draft.tokens.get(i) else {
                 let t = self.sampler.draw();
                 self.queue.push_back(t);
@@ -268,7 +274,9 @@ impl Generation<'_> {
             if accept {
                 accepted += 1;
                 self.queue.push_back(d);
-                history.push(d);
+                if !history.is_empty() {
+                    history.push(d);
+                }
                 if self.engine.tokenizer.is_eog(d) {
                     break;
                 }
