@@ -87,10 +87,7 @@ fn synthetic_model_round_trip_loads() {
 /// dequantizes every tensor to the same values Flint does.
 #[test]
 fn python_gguf_reader_agrees() {
-    let py_ok = std::process::Command::new("python3").args(["-c", "import gguf, numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if !py_ok {
-        assert!(std::env::var_os("FLINT_REQUIRE_PY").is_none(), "python3 with gguf and numpy is required (FLINT_REQUIRE_PY)");
-        eprintln!("SKIPPED python_gguf_reader_agrees: python3 with the gguf and numpy packages is not installed");
+    if !common::python_refs("python_gguf_reader_agrees") {
         return;
     }
     let dir = temp_dir("pyreader");

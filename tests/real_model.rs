@@ -92,10 +92,7 @@ fn fast_and_exact_backends_agree() {
 #[test]
 fn exact_backend_matches_numpy_reference() {
     let Some(path) = real_model("exact_backend_matches_numpy_reference") else { return };
-    let py_ok = std::process::Command::new("python3").args(["-c", "import gguf, numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if !py_ok {
-        assert!(std::env::var_os("FLINT_REQUIRE_PY").is_none(), "python3 with gguf and numpy is required (FLINT_REQUIRE_PY)");
-        eprintln!("SKIPPED exact_backend_matches_numpy_reference: python3 with gguf and numpy is not installed");
+    if !common::python_refs("exact_backend_matches_numpy_reference") {
         return;
     }
     let l = Loaded::open(&path).unwrap();

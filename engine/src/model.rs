@@ -318,14 +318,16 @@ impl<B: Backend> Session<B> {
             return Ok(Vec::new());
         }
         let rows = if all { n } else { 1 };
-        if !all {
-            // Only the last row's logits are wanted: move it to row 0.
-            b.copy_rows(&self.x, n - 1, &mut self.xb, 0, 1, d)?;
-            b.copy_rows(&self.xb, 0, &mut self.x, 0, 1, d)?;
-        }
-        b.rmsnorm(&self.x, &m.output_norm, c.eps, rows, d, &mut self.xb)?;
         let out_w = m.output.as_ref().unwrap_or(&m.tok_embd);
-        b.matmul(out_w, &self.xb, rows, &mut self.logits)?;
+        if all {
+            b.rmsnorm(&self.x, &m.output_norm, c.eps, n, d, &mut self.xb)?;
+            b.matmul(out_w, &self.xb, n, &mut self.logits)?;
+        } else {
+            // Only the last row's logits are wanted: normalise it alone, into x's row 0.
+            b.copy_rows(&self.x, n - 1, &mut self.xb, 0, 1, d)?;
+            b.rmsnorm(&self.xb, &m.output_norm, c.eps, 1, d, &mut self.x)?;
+            b.matmul(out_w, &self.x, 1, &mut self.logits)?;
+        }
         b.read(&self.logits, 0, rows * c.n_vocab)
     }
 }

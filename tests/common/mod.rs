@@ -39,6 +39,18 @@ pub fn real_model(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// Whether python3 with the `gguf` and `numpy` packages (the independent references) can
+/// run. Where it cannot, the test prints that it skipped, unless FLINT_REQUIRE_PY is set (CI),
+/// where that fails.
+pub fn python_refs(test: &str) -> bool {
+    let ok = std::process::Command::new("python3").args(["-c", "import gguf, numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok {
+        assert!(std::env::var_os("FLINT_REQUIRE_PY").is_none(), "{test}: python3 with gguf and numpy is required (FLINT_REQUIRE_PY)");
+        eprintln!("SKIPPED {test}: python3 with the gguf and numpy packages is not installed");
+    }
+    ok
+}
+
 /// |a - b| <= atol + rtol * |b| for every element; reports the worst element.
 pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");

@@ -5,7 +5,7 @@
 //! Each kernel has a scalar version (portable, and the oracle for the SIMD one) and an
 //! AVX2 version picked at run time.
 
-use crate::quant::{GgmlType, QK};
+use crate::quant::{f16_at, GgmlType, QK};
 use half::{bf16, f16};
 
 /// One token's activations, quantized (see [`crate::quant::Q8Act`]).
@@ -14,11 +14,6 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8], // (k)
     pub d: &'a [f32], // (k / 32)
     pub s: &'a [f32], // (k / 32)
-}
-
-#[inline]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
