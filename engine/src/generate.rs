@@ -7,9 +7,10 @@
 use crate::model::Forward;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::speculative::{DraftModel, Drafter, SpecConfig};
-use std::collections::VecDeque;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use anyhow::{bail, Result};
+use std::borrow::BorrowMut;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -128,8 +129,28 @@ impl Engine {
         self.cached.clear();
     }
 
+    /// A second engine on the same weights (and draft model) with its own, empty KV cache.
+    pub fn fork(&self) -> Result<Engine> {
+        let draft = match &self.draft {
+            Some(d) => Some(DraftModel::new(d.fwd.fork(0)?)),
+            None => None,
+        };
+        Ok(Engine { fwd: self.fwd.fork(0)?, tokenizer: self.tokenizer.clone(), cached: Vec::new(), draft })
+    }
+
+    /// The tokens whose KV this engine holds.
+    pub fn cached(&self) -> &[u32] {
+        &self.cached
+    }
+
     /// Start a generation. Errors at once for an empty prompt or one longer than the context.
-    pub fn generate(&mut self, req: Request, cancel: Option<Arc<AtomicBool>>) -> Result<Generation<'_>> {
+    pub fn generate(&mut self, req: Request, cancel: Option<Arc<AtomicBool>>) -> Result<Generation<&mut Engine>> {
+        self.prepare(&req)?;
+        Ok(Generation::new(self, req, cancel))
+    }
+
+    /// Check a request and size the KV cache for it; [`Generation::new`] may follow.
+    pub fn prepare(&mut self, req: &Request) -> Result<()> {
         let n_ctx = self.fwd.config().n_ctx;
         req.sampling.validate()?;
         if req.prompt.is_empty() {
@@ -142,37 +163,24 @@ impl Engine {
         if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {t} is outside the vocabulary of {vocab}");
         }
-        // Size the KV cache to the request.
-        self.fwd.reserve((req.prompt.len() + req.max_tokens).min(n_ctx))?;
         if let Some(sc) = &req.speculative {
             if matches!(sc.source, crate::speculative::DraftSource::Model) && self.draft.is_none() {
                 bail!("speculative decoding with a draft model needs one (--draft PATH)");
             }
         }
-        Ok(Generation {
-            drafter: req.speculative.clone().map(|c| Drafter::new(c, &req.sampling)),
-            queue: VecDeque::new(),
-            sampler: Sampler::new(req.sampling.clone()),
-            context: req.prompt.clone(),
-            req,
-            engine: self,
-            cancel,
-            decoder: StreamDecoder::default(),
-            text: String::new(),
-            emitted: 0,
-            generated: Vec::new(),
-            finish: None,
-            flushed: false,
-            start: Instant::now(),
-            first_token_at: None,
-            last_token_at: None,
-            timings: Timings::default(),
-        })
+        // Size the KV cache to the request.
+        self.fwd.reserve((req.prompt.len() + req.max_tokens).min(n_ctx))
     }
 }
 
-pub struct Generation<'a> {
-    engine: &'a mut Engine,
+/// A generation in progress. `E` is `&mut Engine` when the caller keeps the engine, or an
+/// owned `Engine` when generations outlive a borrow (the server's scheduler interleaves
+/// many); [`Generation::into_engine`] gives it back.
+pub struct Generation<E: BorrowMut<Engine>> {
+    engine: E,
+    tokenizer: Arc<Tokenizer>,
+    n_ctx: usize,
+    n_vocab: usize,
     req: Request,
     sampler: Sampler,
     drafter: Option<Drafter>,
@@ -190,9 +198,82 @@ pub struct Generation<'a> {
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
     timings: Timings,
+    /// Part of the prompt ran in [`Generation::prefill_chunk`].
+    prefilled: bool,
 }
 
-impl Generation<'_> {
+impl<E: BorrowMut<Engine>> Generation<E> {
+    /// Start a generation on a request that [`Engine::prepare`] accepted.
+    pub fn new(mut engine: E, req: Request, cancel: Option<Arc<AtomicBool>>) -> Self {
+        let e: &mut Engine = engine.borrow_mut();
+        let (tokenizer, n_ctx, n_vocab) = (e.tokenizer.clone(), e.fwd.config().n_ctx, e.fwd.config().n_vocab);
+        Generation {
+            tokenizer,
+            n_ctx,
+            n_vocab,
+            drafter: req.speculative.clone().map(|c| Drafter::new(c, &req.sampling)),
+            queue: VecDeque::new(),
+            sampler: Sampler::new(req.sampling.clone()),
+            context: req.prompt.clone(),
+            req,
+            engine,
+            cancel,
+            decoder: StreamDecoder::default(),
+            text: String::new(),
+            emitted: 0,
+            generated: Vec::new(),
+            finish: None,
+            flushed: false,
+            start: Instant::now(),
+            first_token_at: None,
+            last_token_at: None,
+            timings: Timings::default(),
+            prefilled: false,
+        }
+    }
+
+    pub fn into_engine(self) -> E {
+        self.engine
+    }
+
+    /// The prompt followed by the tokens generated so far.
+    pub fn context(&self) -> &[u32] {
+        &self.context
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some() && self.flushed
+    }
+
+    /// Prefill at most `max` uncached prompt tokens, keeping the last one for the first
+    /// decode step. Returns whether prompt tokens remain beyond it. A scheduler calls this
+    /// until it returns false so a long prompt does not hold the model for one long pass.
+    pub fn prefill_chunk(&mut self, max: usize) -> Result<bool> {
+        if self.timings.forward_passes > 0 || self.finish.is_some() {
+            return Ok(false);
+        }
+        let e: &mut Engine = self.engine.borrow_mut();
+        let common = e.cached.iter().zip(&self.context).take_while(|(a, b)| a == b).count();
+        let todo = (self.context.len() - 1).saturating_sub(common);
+        if todo == 0 {
+            return Ok(false);
+        }
+        let n = todo.min(max.max(1));
+        let t0 = Instant::now();
+        e.cached.truncate(common);
+        if self.timings.prompt_ms == 0.0 && self.timings.cached_tokens == 0 {
+            self.timings.cached_tokens = common;
+        }
+        let run = &self.context[common..common + n];
+        if let Err(err) = e.fwd.forward(run, common, false) {
+            e.cached.clear();
+            return Err(err);
+        }
+        e.cached.extend_from_slice(run);
+        self.timings.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
+        self.prefilled = true;
+        Ok(n < todo)
+    }
     fn cancelled(&self) -> bool {
         self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
@@ -200,11 +281,11 @@ impl Generation<'_> {
     /// Run the model over whatever the KV cache lacks, plus `draft`. Returns the logits of
     /// the last context token followed by one row per draft token.
     fn run_model(&mut self, draft: &[u32]) -> Result<Vec<f32>> {
-        let e = &mut *self.engine;
+        let e: &mut Engine = self.engine.borrow_mut();
         let common = e.cached.iter().zip(&self.context).take_while(|(a, b)| a == b).count();
         // At least one token must run to produce logits.
         let reuse = common.min(self.context.len() - 1);
-        if self.timings.forward_passes == 0 {
+        if self.timings.forward_passes == 0 && !self.prefilled {
             self.timings.cached_tokens = reuse;
         }
         let mut run = self.context[reuse..].to_vec();
@@ -222,7 +303,7 @@ impl Generation<'_> {
         // Rejected draft tokens stay here; the common-prefix check above drops them.
         e.cached.extend_from_slice(&run);
         if self.timings.forward_passes == 0 {
-            self.timings.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+            self.timings.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
         }
         self.timings.forward_passes += 1;
         if !draft.is_empty() {
@@ -240,14 +321,14 @@ impl Generation<'_> {
     /// plain greedy decoding would produce.
     fn advance(&mut self) -> Result<()> {
         let room = self.req.max_tokens.saturating_sub(self.generated.len() + 1).min(
-            self.engine.fwd.config().n_ctx.saturating_sub(self.context.len() + 1),
+            self.n_ctx.saturating_sub(self.context.len() + 1),
         );
         let draft = match &mut self.drafter {
-            Some(d) if room > 0 => d.draft(&self.context, self.generated.len(), room, self.engine.draft.as_mut())?,
+            Some(d) if room > 0 => d.draft(&self.context, self.generated.len(), room, self.engine.borrow_mut().draft.as_mut())?,
             _ => Default::default(),
         };
         let mut logits = self.run_model(&draft.tokens)?;
-        let v = self.engine.fwd.config().n_vocab;
+        let v = self.n_vocab;
         // Row i's history (for the repetition penalty) is the context plus draft[..i]; only
         // a repetition penalty needs it built.
         let mut history = if self.sampler.cfg.repeat_penalty != 1.0 && !draft.tokens.is_empty() {
@@ -277,7 +358,7 @@ impl Generation<'_> {
                 if !history.is_empty() {
                     history.push(d);
                 }
-                if self.engine.tokenizer.is_eog(d) {
+                if self.tokenizer.is_eog(d) {
                     break;
                 }
                 continue;
@@ -344,7 +425,7 @@ impl Generation<'_> {
             self.finish = Some(FinishReason::Cancelled);
             return self.next_step();
         }
-        let n_ctx = self.engine.fwd.config().n_ctx;
+        let n_ctx = self.n_ctx;
         if self.generated.len() >= self.req.max_tokens || self.context.len() >= n_ctx {
             self.finish = Some(FinishReason::Length);
             return self.next_step();
@@ -357,14 +438,14 @@ impl Generation<'_> {
             self.first_token_at = Some(Instant::now());
             self.timings.ttft_ms = self.start.elapsed().as_secs_f64() * 1e3;
         }
-        if self.engine.tokenizer.is_eog(tok) {
+        if self.tokenizer.is_eog(tok) {
             self.finish = Some(FinishReason::Stop);
             return self.next_step();
         }
         self.context.push(tok);
         self.generated.push(tok);
         self.last_token_at = Some(Instant::now());
-        let piece = self.decoder.push(self.engine.tokenizer.token_bytes(tok, self.req.special));
+        let piece = self.decoder.push(self.tokenizer.token_bytes(tok, self.req.special));
         self.text.push_str(&piece);
         if let Some(at) = self.find_stop() {
             self.text.truncate(at);
@@ -401,7 +482,7 @@ impl Generation<'_> {
     }
 }
 
-impl Iterator for Generation<'_> {
+impl<E: BorrowMut<Engine>> Iterator for Generation<E> {
     type Item = Result<Step>;
     fn next(&mut self) -> Option<Result<Step>> {
         match self.next_step() {

@@ -6,16 +6,20 @@
 //! - [`backend`]: the op-level [`backend::Backend`] trait and the CPU backends.
 //! - [`model`]: the Llama forward pass, written once against the trait.
 //! - [`sampler`], [`generate`]: sampling and the streaming, cancellable decode loop.
+//! - [`server`], [`client`]: `flint serve` (WebSocket, OpenAI HTTP, browser page) and the
+//!   terminal client for it.
 //! - [`synth`], [`pull`], [`bench`]: synthetic models, the default model, benchmarks.
 
 pub mod backend;
 pub mod bench;
+pub mod client;
 pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod pull;
 pub mod quant;
 pub mod sampler;
+pub mod server;
 pub mod speculative;
 pub mod synth;
 pub mod tokenizer;

@@ -43,7 +43,14 @@ enum Cmd {
         system: Option<String>,
         #[arg(long, default_value_t = 1024)]
         max_tokens: usize,
+        /// Chat with a running `flint serve` over its WebSocket (ws://HOST:PORT) instead of
+        /// loading a model here; a line typed while the answer streams redirects it.
+        #[arg(long)]
+        connect: Option<String>,
     },
+    /// Serve the model: WebSocket sessions (/v1/ws), OpenAI-compatible HTTP, a browser chat
+    /// page (/), /health and /metrics.
+    Serve(ServeArgs),
     /// Print the token ids of TEXT as a JSON array.
     Tokenize {
         #[arg(long)]
@@ -107,6 +114,44 @@ struct ModelArgs {
     /// cpu (fast), cpu-ref (exact f32 reference), cuda, wgpu.
     #[arg(long, default_value = "cpu")]
     backend: BackendKind,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Open WebSocket sessions at most (each keeps its conversation's KV cache).
+    #[arg(long, default_value_t = 32)]
+    max_sessions: usize,
+    /// Generations in progress at once; they take turns step by step, the rest queue.
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Generations waiting at most; beyond it requests are refused as busy.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest WebSocket message or HTTP body, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_message: usize,
+    /// Longest prompt in tokens (default: the model's context).
+    #[arg(long)]
+    max_prompt: Option<usize>,
+    /// max_tokens for requests that do not set it.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Prompt tokens per prefill slice (a long prompt yields to other sessions between slices).
+    #[arg(long, default_value_t = 128)]
+    prefill_chunk: usize,
+    /// Seconds running generations may go on after Ctrl-C or SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 5.0)]
+    shutdown_grace: f64,
+    /// Speculative decoding for requests that do not choose: none or ngram (prompt lookup).
+    #[arg(long)]
+    speculative: Option<String>,
 }
 
 #[derive(Args)]
@@ -279,7 +324,19 @@ fn run(cmd: Cmd) -> Result<()> {
             out(&format!("{}\n", path.display()));
         }
         Cmd::Generate(a) => generate(a)?,
-        Cmd::Chat { model, sampling, system, max_tokens } => chat(model, sampling, system, max_tokens)?,
+        Cmd::Chat { model, sampling, system, max_tokens, connect: Some(url) } => {
+            let mut d = serde_json::json!({
+                "max_tokens": max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,
+                "top_p": sampling.top_p, "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty, "seed": sampling.seed,
+            });
+            if let Some(s) = system {
+                d["system"] = serde_json::json!(s);
+            }
+            let _ = model;
+            flint::client::chat(&url, d)?
+        }
+        Cmd::Chat { model, sampling, system, max_tokens, connect: None } => chat(model, sampling, system, max_tokens)?,
+        Cmd::Serve(a) => serve(a)?,
         Cmd::Tokenize { model, special, text } => {
             let l = Loaded::open(&model_path(&model)?)?;
             let ids = l.tokenizer.encode(&text, special)?;
@@ -399,6 +456,35 @@ fn report_timings(o: &Outcome) {
         "[{} prompt tokens ({} cached) in {:.1} ms; {} tokens at {:.1} tok/s; first token after {:.1} ms; {}{spec}]",
         o.prompt_tokens.len(), t.cached_tokens, t.prompt_ms, o.tokens.len(), t.decode_tok_s, t.ttft_ms, o.finish_reason.as_str()
     );
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    if let Some(s) = a.speculative.as_deref() {
+        if !matches!(s, "none" | "ngram") {
+            bail!("--speculative for serve: none or ngram (requests bring their own prediction)");
+        }
+    }
+    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
+        bail!("--shutdown-grace must be a number of seconds >= 0");
+    }
+    let path = model_path(&a.model.model)?;
+    let l = Loaded::open(&path)?;
+    let engine = l.engine(a.model.backend, 0)?;
+    let model_id = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let opts = flint::server::Options {
+        host: a.host,
+        port: a.port,
+        max_sessions: a.max_sessions,
+        parallel: a.parallel,
+        max_queue: a.max_queue,
+        max_message: a.max_message,
+        max_prompt: a.max_prompt.unwrap_or(usize::MAX),
+        default_max_tokens: a.max_tokens,
+        prefill_chunk: a.prefill_chunk,
+        shutdown_grace: std::time::Duration::from_secs_f64(a.shutdown_grace),
+        speculative: a.speculative,
+    };
+    flint::server::serve(engine, model_id, opts)
 }
 
 fn chat(m: ModelArgs, s: SamplingArgs, system: Option<String>, max_tokens: usize) -> Result<()> {

@@ -340,6 +340,8 @@ pub trait Forward: Send {
     fn forward(&mut self, tokens: &[u32], pos0: usize, all: bool) -> Result<Vec<f32>>;
     /// Make room for `n` positions in the KV cache (errors beyond the model's context).
     fn reserve(&mut self, n: usize) -> Result<()>;
+    /// A new session on the same weights, its KV cache sized for `capacity` positions.
+    fn fork(&self, capacity: usize) -> Result<Box<dyn Forward>>;
 }
 
 pub struct Runner<B: Backend> {
@@ -366,5 +368,8 @@ impl<B: Backend> Forward for Runner<B> {
     }
     fn reserve(&mut self, n: usize) -> Result<()> {
         self.session.reserve(&self.model, n)
+    }
+    fn fork(&self, capacity: usize) -> Result<Box<dyn Forward>> {
+        Ok(Box::new(Runner::new(self.model.clone(), capacity)?))
     }
 }

@@ -195,11 +195,29 @@ impl Tokenizer {
     /// The prompt for a conversation, rendered with the model's chat template and tokenized
     /// (special tokens recognised in the template, not in the messages' text).
     pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let t = self.chat.as_ref().ok_or_else(|| {
-            anyhow!("this model has no chat template Flint understands (ChatML); use --raw")
-        })?;
+        self.render_chat(messages, true)
+    }
+
+    /// What follows a conversation's context (its last prompt and the assistant's answer,
+    /// whole or cut short) to add `messages` and ask for the next answer: the end of the
+    /// assistant's turn, the new turns, the generation prompt. Appending keeps the context's
+    /// tokens exactly as they were, so their KV cache is reused in full.
+    pub fn chat_continue(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let t = self.template()?;
+        let mut ids = self.encode(&t.end, true)?;
+        ids.extend(self.encode("\n", false)?);
+        ids.extend(self.render_chat(messages, false)?);
+        Ok(ids)
+    }
+
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.chat.as_ref().ok_or_else(|| anyhow!("this model has no chat template Flint understands (ChatML); use --raw"))
+    }
+
+    fn render_chat(&self, messages: &[Message], first: bool) -> Result<Vec<u32>> {
+        let t = self.template()?;
         let mut ids = Vec::new();
-        if self.add_bos {
+        if first && self.add_bos {
             ids.extend(self.bos);
         }
         let start = self.encode(&t.start, true)?;
@@ -213,7 +231,7 @@ impl Tokenizer {
             ids.extend(self.encode("\n", false)?);
             Ok(())
         };
-        if messages.first().map_or(true, |m| m.role != "system") {
+        if first && messages.first().map_or(true, |m| m.role != "system") {
             if let Some(sys) = &t.default_system {
                 turn("system", sys)?;
             }

@@ -1,0 +1,120 @@
+//! `flint chat --connect ws://HOST:PORT`: the terminal chat over a server's WebSocket.
+//! Ctrl-C stops the answer (or quits when none runs); a line typed while the answer
+//! streams redirects it; `/reset` starts a new conversation; Ctrl-D quits.
+
+use anyhow::{bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::Write;
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::Message;
+
+/// `defaults` is sent as the session's defaults (`session.update` fields).
+pub fn chat(url: &str, defaults: Value) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let r = rt.block_on(run(url, defaults));
+    // Reading stdin occupies a blocking thread the runtime would otherwise wait for.
+    rt.shutdown_background();
+    r
+}
+
+fn prompt() {
+    eprint!("> ");
+    let _ = std::io::stderr().flush();
+}
+
+async fn run(url: &str, defaults: Value) -> Result<()> {
+    let url = if url.ends_with("/v1/ws") { url.to_string() } else { format!("{}/v1/ws", url.trim_end_matches('/')) };
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.with_context(|| format!("cannot connect to {url}"))?;
+    let (mut tx, mut rx) = ws.split();
+    let mut update = defaults;
+    update["type"] = json!("session.update");
+    tx.send(Message::text(update.to_string())).await?;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut generating = false;
+    let mut stdin_open = true;
+    let mut resetting = false;
+    let mut out = std::io::stdout();
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => {
+                let Some(line) = line? else {
+                    stdin_open = false;
+                    if !generating { break }
+                    continue;
+                };
+                let line = line.trim();
+                if line.is_empty() {
+                    if !generating { prompt() }
+                    continue;
+                }
+                let msg = if line == "/reset" {
+                    resetting = true;
+                    json!({"type": "session.update", "reset": true})
+                } else if generating {
+                    eprintln!("\n[redirected]");
+                    json!({"type": "redirect", "content": line})
+                } else {
+                    generating = true;
+                    json!({"type": "generate", "content": line})
+                };
+                tx.send(Message::text(msg.to_string())).await?;
+            }
+            m = rx.next() => {
+                let Some(m) = m else { bail!("the server closed the connection") };
+                let m = m.context("the connection broke")?;
+                let Message::Text(s) = m else {
+                    if let Message::Close(f) = m {
+                        bail!("the server closed the connection{}", f.map(|f| format!(": {}", f.reason)).unwrap_or_default());
+                    }
+                    continue;
+                };
+                let v: Value = serde_json::from_str(&s).context("the server sent something that is not JSON")?;
+                match v["type"].as_str().unwrap_or("") {
+                    "session" => {
+                        eprintln!("[connected to {} · {} context · Ctrl-C stops an answer · type while it answers to redirect · /reset · Ctrl-D quits]", v["model"].as_str().unwrap_or("?"), v["n_ctx"]);
+                        prompt();
+                    }
+                    "delta" => {
+                        out.write_all(v["text"].as_str().unwrap_or("").as_bytes())?;
+                        out.flush()?;
+                    }
+                    "done" => {
+                        let (u, t) = (&v["usage"], &v["timings"]);
+                        eprintln!(
+                            "\n[{} · {} tokens at {:.1} tok/s · first token after {:.1} ms · {}/{} prompt tokens cached]",
+                            v["finish_reason"].as_str().unwrap_or("?"), u["completion_tokens"], t["decode_tok_s"].as_f64().unwrap_or(0.0),
+                            t["ttft_ms"].as_f64().unwrap_or(0.0), u["cached_tokens"], u["prompt_tokens"],
+                        );
+                        if v["finish_reason"] != "redirected" {
+                            generating = false;
+                            if !stdin_open { break }
+                            prompt();
+                        }
+                    }
+                    "error" => {
+                        eprintln!("\n[error: {}: {}]", v["code"].as_str().unwrap_or("?"), v["message"].as_str().unwrap_or(""));
+                        generating = false;
+                        if !stdin_open { break }
+                        prompt();
+                    }
+                    "session.updated" if resetting => {
+                        resetting = false;
+                        eprintln!("[new conversation]");
+                        prompt();
+                    }
+                    _ => {}
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                if !generating {
+                    eprintln!();
+                    break;
+                }
+                tx.send(Message::text(json!({"type": "cancel"}).to_string())).await?;
+            }
+        }
+    }
+    let _ = tx.send(Message::Close(None)).await;
+    Ok(())
+}
