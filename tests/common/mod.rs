@@ -43,10 +43,16 @@ pub fn real_model(test: &str) -> Option<PathBuf> {
 /// run. Where it cannot, the test prints that it skipped, unless FLINT_REQUIRE_PY is set (CI),
 /// where that fails.
 pub fn python_refs(test: &str) -> bool {
-    let ok = std::process::Command::new("python3").args(["-c", "import gguf, numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
+    python_with(test, &["gguf", "numpy"])
+}
+
+/// Whether python3 can import `modules`; skips (prints it) or, under FLINT_REQUIRE_PY, fails.
+pub fn python_with(test: &str, modules: &[&str]) -> bool {
+    let import = format!("import {}", modules.join(", "));
+    let ok = std::process::Command::new("python3").args(["-c", &import]).output().map(|o| o.status.success()).unwrap_or(false);
     if !ok {
-        assert!(std::env::var_os("FLINT_REQUIRE_PY").is_none(), "{test}: python3 with gguf and numpy is required (FLINT_REQUIRE_PY)");
-        eprintln!("SKIPPED {test}: python3 with the gguf and numpy packages is not installed");
+        assert!(std::env::var_os("FLINT_REQUIRE_PY").is_none(), "{test}: python3 with {modules:?} is required (FLINT_REQUIRE_PY)");
+        eprintln!("SKIPPED {test}: python3 with the packages {modules:?} is not installed");
     }
     ok
 }

@@ -1,0 +1,429 @@
+//! `flint serve` end to end: the real binary on loopback, driven over real sockets.
+//! Protocol tests use the tiny synthetic model (random weights: the text is noise, the
+//! mechanics are real); `tests/server/clients.py` drives the same server with the official
+//! `openai` and `websockets` Python packages, and `tests/server/browser.py` the browser
+//! page in headless Chromium.
+
+mod common;
+
+use common::{python_with, tiny_model};
+use flint::quant::GgmlType;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(model: &PathBuf, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model)
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start flint serve");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in err.lines() {});
+        Server { child, addr }
+    }
+
+    fn tiny(extra: &[&str]) -> Server {
+        Server::start(&tiny_model(GgmlType::Q8_0, 2048), extra)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn ws(&self) -> Ws {
+        let (s, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", self.addr)).await.expect("connect");
+        let mut ws = Ws(s);
+        assert_eq!(ws.recv().await["type"], "session");
+        ws
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "the server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Ws(WebSocketStream<MaybeTlsStream<TcpStream>>);
+
+impl Ws {
+    async fn send(&mut self, v: Value) {
+        self.0.send(Message::text(v.to_string())).await.unwrap();
+    }
+    async fn recv(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), self.0.next()).await.expect("no message within 60 s");
+            match m.expect("connection closed").expect("connection broke") {
+                Message::Text(s) => return serde_json::from_str(&s).unwrap(),
+                Message::Close(f) => panic!("closed: {f:?}"),
+                _ => {}
+            }
+        }
+    }
+    /// Messages up to and including the next `done` or `error`.
+    async fn until_end(&mut self) -> (Vec<Value>, Value) {
+        let mut deltas = Vec::new();
+        loop {
+            let v = self.recv().await;
+            match v["type"].as_str().unwrap() {
+                "delta" => deltas.push(v),
+                "done" | "error" => return (deltas, v),
+                other => panic!("unexpected {other}: {v}"),
+            }
+        }
+    }
+}
+
+fn tokens(deltas: &[Value]) -> usize {
+    deltas.iter().map(|d| d["tokens"].as_array().unwrap().len()).sum()
+}
+
+fn text(deltas: &[Value]) -> String {
+    deltas.iter().map(|d| d["text"].as_str().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn turns_reuse_the_conversation_kv_cache() {
+    let s = Server::tiny(&[]);
+    let mut ws = s.ws().await;
+    ws.send(json!({"type": "generate", "content": "hello there", "max_tokens": 20, "id": 1})).await;
+    let (d1, done1) = ws.until_end().await;
+    assert_eq!(done1["id"], 1);
+    let u1 = &done1["usage"];
+    assert_eq!(u1["cached_tokens"], 0);
+    assert_eq!(tokens(&d1), u1["completion_tokens"].as_u64().unwrap() as usize);
+    assert_eq!(text(&d1), done1["text"].as_str().unwrap(), "the deltas add up to the answer");
+    let context = u1["prompt_tokens"].as_u64().unwrap() + u1["completion_tokens"].as_u64().unwrap();
+    ws.send(json!({"type": "generate", "content": "and again", "max_tokens": 5})).await;
+    let (_, done2) = ws.until_end().await;
+    let u2 = &done2["usage"];
+    // Everything but (at most) the last generated token, which never ran through the model.
+    assert!(u2["cached_tokens"].as_u64().unwrap() >= context - 1, "{u2} after a context of {context}");
+    assert!(u2["prompt_tokens"].as_u64().unwrap() > context, "the follow-up appends to the conversation");
+    // After a reset the next turn starts from scratch.
+    ws.send(json!({"type": "session.update", "reset": true, "system": "Be brief."})).await;
+    assert_eq!(ws.recv().await["type"], "session.updated");
+    ws.send(json!({"type": "generate", "content": "hello there", "max_tokens": 3})).await;
+    let (_, done3) = ws.until_end().await;
+    assert!(done3["usage"]["prompt_tokens"].as_u64().unwrap() < context, "{done3}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_within_a_step() {
+    let s = Server::tiny(&[]);
+    let mut ws = s.ws().await;
+    ws.send(json!({"type": "generate", "prompt": "once upon a time", "max_tokens": 1500, "temperature": 0.8})).await;
+    let first = ws.recv().await;
+    assert_eq!(first["type"], "delta");
+    ws.send(json!({"type": "cancel"})).await;
+    let (after, done) = ws.until_end().await;
+    assert_eq!(done["finish_reason"], "cancelled", "{done}");
+    let n = done["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n < 1500, "cancelled after {n} tokens");
+    // What streamed after the cancel is what was already in flight, not new decoding.
+    eprintln!("cancel: {} tokens arrived after the cancel was sent; {n} generated in all", tokens(&after));
+    // The session goes on.
+    ws.send(json!({"type": "generate", "content": "next", "max_tokens": 4})).await;
+    let (_, done) = ws.until_end().await;
+    assert_eq!(done["type"], "done");
+    // A cancel with nothing running is ignored.
+    ws.send(json!({"type": "cancel"})).await;
+    ws.send(json!({"type": "generate", "content": "x", "max_tokens": 2})).await;
+    assert_eq!(ws.until_end().await.1["type"], "done");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_continues_the_conversation() {
+    let s = Server::tiny(&[]);
+    let mut ws = s.ws().await;
+    ws.send(json!({"type": "generate", "content": "write a long story", "max_tokens": 1500, "temperature": 0.8})).await;
+    assert_eq!(ws.recv().await["type"], "delta");
+    ws.send(json!({"type": "redirect", "content": "no, a poem", "max_tokens": 8, "id": "r"})).await;
+    let (_, first) = ws.until_end().await;
+    assert_eq!(first["finish_reason"], "redirected", "{first}");
+    let partial = first["usage"]["prompt_tokens"].as_u64().unwrap() + first["usage"]["completion_tokens"].as_u64().unwrap();
+    let (_, second) = ws.until_end().await;
+    assert_eq!(second["type"], "done", "{second}");
+    assert_eq!(second["id"], "r");
+    let u = &second["usage"];
+    assert!(u["cached_tokens"].as_u64().unwrap() >= partial - 1, "the redirect prefills only the new input: {u}, partial {partial}");
+    // A redirect with nothing running starts a turn.
+    ws.send(json!({"type": "redirect", "content": "more", "max_tokens": 2})).await;
+    assert_eq!(ws.until_end().await.1["type"], "done");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_errors_and_the_session_stays_usable() {
+    let s = Server::tiny(&["--max-message", "4096"]);
+    let mut ws = s.ws().await;
+    let expect = async |ws: &mut Ws, m: Message, code: &str| {
+        ws.0.send(m).await.unwrap();
+        let v = ws.recv().await;
+        assert_eq!((v["type"].as_str(), v["code"].as_str()), (Some("error"), Some(code)), "{v}");
+    };
+    let t = |s: &str| Message::text(s.to_string());
+    expect(&mut ws, t("not json"), "invalid_json").await;
+    expect(&mut ws, t("[1,2]"), "invalid_request").await;
+    expect(&mut ws, t(r#"{"kind":"generate"}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"launch"}"#), "unknown_type").await;
+    expect(&mut ws, t(r#"{"type":"generate","content":"hi","max_tokens":"many"}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate","content":"hi","temperature":-1}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate","content":"hi","top_p":0}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate","content":"hi","max_tokens":0}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate","messages":[{"role":"wizard","content":"hi"}]}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate","prompt":"a","content":"b"}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate"}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate","prompt":""}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"generate","content":"hi","speculative":"psychic"}"#), "invalid_request").await;
+    expect(&mut ws, t(r#"{"type":"session.update","temperature":"hot"}"#), "invalid_request").await;
+    expect(&mut ws, Message::binary(vec![1u8, 2, 3]), "binary_frame").await;
+    expect(&mut ws, t(&format!(r#"{{"type":"generate","content":"{}"}}"#, "a".repeat(5000))), "too_large").await;
+    // A prompt longer than the context (2048): one token per byte here.
+    let long = "x".repeat(2100);
+    let s2 = Server::tiny(&[]);
+    let mut ws2 = s2.ws().await;
+    expect(&mut ws2, t(&json!({"type": "generate", "prompt": long}).to_string()), "context_full").await;
+    // Busy: a second generate while one runs.
+    ws.send(json!({"type": "generate", "prompt": "abc", "max_tokens": 1000})).await;
+    assert_eq!(ws.recv().await["type"], "delta");
+    ws.send(json!({"type": "generate", "prompt": "x"})).await;
+    let (_, busy) = ws.until_end().await;
+    assert_eq!(busy["code"], "busy", "{busy}");
+    ws.send(json!({"type": "cancel"})).await;
+    let (_, done) = ws.until_end().await;
+    assert_eq!(done["finish_reason"], "cancelled");
+    // Still usable after all of it.
+    ws.send(json!({"type": "generate", "content": "fine", "max_tokens": 3})).await;
+    assert_eq!(ws.until_end().await.1["type"], "done");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_sessions_take_turns() {
+    let s = Server::tiny(&["--parallel", "4"]);
+    let mut handles = Vec::new();
+    let t0 = Instant::now();
+    for i in 0..4 {
+        let mut ws = s.ws().await;
+        handles.push(tokio::spawn(async move {
+            ws.send(json!({"type": "generate", "prompt": format!("session {i}"), "max_tokens": 400, "temperature": 0.9, "seed": i})).await;
+            let mut first = None;
+            loop {
+                let v = ws.recv().await;
+                match v["type"].as_str().unwrap() {
+                    "delta" => {
+                        first.get_or_insert(t0.elapsed());
+                    }
+                    "done" => return (first.unwrap(), t0.elapsed(), v),
+                    _ => panic!("{v}"),
+                }
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.await.unwrap());
+    }
+    let earliest_done = results.iter().map(|r| r.1).min().unwrap();
+    for (first, _, done) in &results {
+        assert!(*first < earliest_done, "every session streams before any finishes: first token {first:?}, a session done at {earliest_done:?}");
+        assert!(done["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_and_queue_limits() {
+    let s = Server::tiny(&["--max-sessions", "2", "--parallel", "1", "--max-queue", "1"]);
+    let mut a = s.ws().await;
+    let mut b = s.ws().await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", s.addr)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("a third session must be refused with 503, got {other:?}"),
+    }
+    // One generation runs, one waits, a third is refused as busy.
+    a.send(json!({"type": "generate", "prompt": "a", "max_tokens": 2000})).await;
+    assert_eq!(a.recv().await["type"], "delta");
+    b.send(json!({"type": "generate", "prompt": "b", "max_tokens": 3})).await;
+    let body = json!({"prompt": "c", "max_tokens": 3}).to_string();
+    let r = http("POST", &s.url("/v1/completions"), &body);
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("\"code\":\"busy\""), "{r}");
+    a.send(json!({"type": "cancel"})).await;
+    assert_eq!(a.until_end().await.1["finish_reason"], "cancelled");
+    assert_eq!(b.until_end().await.1["type"], "done", "the queued job runs once the first ends");
+    // A closed session frees its place.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _c = s.ws().await;
+}
+
+/// A minimal HTTP/1.1 exchange over a raw socket (the response, headers and body).
+fn http(method: &str, url: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn http_errors_are_openai_shaped() {
+    let s = Server::tiny(&["--max-message", "2048"]);
+    let cases: [(&str, &str, &str, &str); 7] = [
+        ("POST", "/v1/chat/completions", "{", "invalid_json"),
+        ("POST", "/v1/chat/completions", r#"{"messages":"hi"}"#, "invalid_request"),
+        ("POST", "/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":-2}"#, "invalid_request"),
+        ("POST", "/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"n":3}"#, "invalid_request"),
+        ("POST", "/v1/completions", r#"{"prompt":[999999]}"#, "invalid_request"),
+        ("GET", "/v1/nothing", "", "not_found"),
+        ("POST", "/v1/completions", &format!(r#"{{"prompt":"{}"}}"#, "a".repeat(4096)), "too_large"),
+    ];
+    for (method, path, body, code) in cases {
+        let r = http(method, &s.url(path), body);
+        let status: u16 = r[9..12].parse().unwrap();
+        let json: Value = serde_json::from_str(&r[r.find("\r\n\r\n").unwrap() + 4..]).unwrap_or_else(|_| panic!("{r}"));
+        assert_eq!(json["error"]["code"], code, "{method} {path}: {r}");
+        assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(status, match code { "not_found" => 404, "too_large" => 413, _ => 400 }, "{r}");
+    }
+    // The server is still fine.
+    let r = http("POST", &s.url("/v1/completions"), r#"{"prompt":"ok","max_tokens":2}"#);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[test]
+fn a_disconnected_http_client_cancels_its_generation() {
+    use std::io::{Read, Write};
+    let s = Server::tiny(&[]);
+    let body = json!({"prompt": "forever", "max_tokens": 100000, "stream": true}).to_string();
+    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = c.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    drop(c);
+    let t = Instant::now();
+    loop {
+        let m = http("GET", &s.url("/metrics"), "");
+        if m.contains("flint_requests_total{reason=\"cancelled\"} 1") && m.contains("flint_active_generations 0") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the generation was not cancelled:\n{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn health_and_metrics() {
+    let s = Server::tiny(&[]);
+    let r = http("POST", &s.url("/v1/completions"), r#"{"prompt":"hello","max_tokens":5}"#);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let h = http("GET", &s.url("/health"), "");
+    assert!(h.contains("\"status\":\"ok\""), "{h}");
+    let m = http("GET", &s.url("/metrics"), "");
+    for name in [
+        "flint_time_to_first_token_seconds_bucket",
+        "flint_inter_token_latency_seconds_bucket",
+        "flint_completion_tokens_total 5",
+        "flint_sessions 0",
+        "flint_queue_depth 0",
+        "flint_speculative_accepted_tokens_total",
+        "flint_requests_total{reason=\"length\"} 1",
+    ] {
+        assert!(m.contains(name), "/metrics lacks {name}:\n{m}");
+    }
+    let page = http("GET", &s.url("/"), "");
+    assert!(page.contains("/v1/ws") && page.contains("text/html"), "the page is served");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_ends_generations_and_sessions() {
+    let mut s = Server::tiny(&["--shutdown-grace", "0.3"]);
+    let mut ws = s.ws().await;
+    ws.send(json!({"type": "generate", "prompt": "long", "max_tokens": 100000})).await;
+    assert_eq!(ws.recv().await["type"], "delta");
+    let status = tokio::task::spawn_blocking(move || {
+        let st = s.terminate();
+        (st, s)
+    });
+    let (_, done) = ws.until_end().await;
+    assert_eq!(done["finish_reason"], "cancelled", "cancelled after the grace period: {done}");
+    // Then the server closes the session with 1001 (going away).
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.0.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 1001);
+                break;
+            }
+            Some(Ok(Message::Close(None))) | None | Some(Err(_)) => panic!("closed without 1001"),
+            _ => {}
+        }
+    }
+    let (st, _s) = status.await.unwrap();
+    assert!(st.success(), "exit status {st}");
+}
+
+#[test]
+fn python_clients() {
+    if !python_with("python_clients", &["openai", "websockets"]) {
+        return;
+    }
+    let model = common::real_model("python_clients (real model)").unwrap_or_else(|| tiny_model(GgmlType::Q8_0, 2048));
+    let s = Server::start(&model, &[]);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let st = Command::new("python3").arg(root.join("tests/server/clients.py")).arg(format!("http://{}", s.addr)).status().unwrap();
+    assert!(st.success(), "tests/server/clients.py failed");
+}
+
+#[test]
+fn browser_page() {
+    let have = std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new("/usr/bin/chromedriver").exists();
+    if !have || !python_with("browser_page", &["selenium"]) {
+        assert!(std::env::var_os("FLINT_REQUIRE_BROWSER").is_none(), "browser_page: chromium, chromedriver and selenium are required (FLINT_REQUIRE_BROWSER)");
+        eprintln!("SKIPPED browser_page: needs /usr/bin/chromium, /usr/bin/chromedriver and python selenium");
+        return;
+    }
+    let s = Server::tiny(&[]);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let st = Command::new("python3").arg(root.join("tests/server/browser.py")).arg(format!("http://{}", s.addr)).status().unwrap();
+    assert!(st.success(), "tests/server/browser.py failed");
+}
