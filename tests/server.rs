@@ -422,8 +422,12 @@ fn browser_page() {
         eprintln!("SKIPPED browser_page: needs /usr/bin/chromium, /usr/bin/chromedriver and python selenium");
         return;
     }
-    let s = Server::tiny(&[]);
+    // The real model streams at a human-visible pace, so Stop and redirect land mid-answer.
+    let model = common::real_model("browser_page (real model)").unwrap_or_else(|| tiny_model(GgmlType::Q8_0, 2048));
+    let s = Server::start(&model, &["--max-tokens", "2000"]);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let st = Command::new("python3").arg(root.join("tests/server/browser.py")).arg(format!("http://{}", s.addr)).status().unwrap();
+    let shot = common::temp_dir("browser").join("page.png");
+    let st = Command::new("python3").arg(root.join("tests/server/browser.py")).arg(format!("http://{}", s.addr)).arg(&shot).status().unwrap();
+    eprintln!("browser_page: screenshot at {}", shot.display());
     assert!(st.success(), "tests/server/browser.py failed");
 }

@@ -25,7 +25,7 @@ fn prompt() {
 
 async fn run(url: &str, defaults: Value) -> Result<()> {
     let url = if url.ends_with("/v1/ws") { url.to_string() } else { format!("{}/v1/ws", url.trim_end_matches('/')) };
-    let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.with_context(|| format!("cannot connect to {url}"))?;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.with_context(|| format!("cannot connect to {url}"))?;
     let (mut tx, mut rx) = ws.split();
     let mut update = defaults;
     update["type"] = json!("session.update");

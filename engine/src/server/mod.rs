@@ -269,6 +269,12 @@ impl App {
             .layer(axum::extract::DefaultBodyLimit::max(state.opts.max_message))
             .with_state(state.clone());
         let mut stop = state.shutdown.clone();
+        // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back
+        // until the client's delayed ACK (tens of milliseconds).
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         });
