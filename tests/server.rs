@@ -431,3 +431,48 @@ fn browser_page() {
     eprintln!("browser_page: screenshot at {}", shot.display());
     assert!(st.success(), "tests/server/browser.py failed");
 }
+
+#[test]
+fn terminal_chat_over_the_websocket() {
+    use std::io::{Read, Write};
+    let s = Server::tiny(&[]);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(["chat", "--connect", &format!("ws://{}", s.addr), "--max-tokens", "1500", "--temperature", "0.8"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let mut err = BufReader::new(c.stderr.take().unwrap());
+    let mut wait_for = |what: &str| {
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(err.read_line(&mut line).unwrap() > 0, "the client ended before {what:?}; stderr: {seen}");
+            seen.push_str(&line);
+            if line.contains(what) {
+                return line;
+            }
+        }
+    };
+    wait_for("connected to");
+    // Ctrl-C during an answer stops it; the client goes on.
+    writeln!(stdin, "tell me everything").unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    unsafe_kill(c.id(), "INT");
+    wait_for("[cancelled");
+    // A line typed while the answer streams redirects it.
+    writeln!(stdin, "first question").unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    writeln!(stdin, "second thoughts").unwrap();
+    wait_for("[redirected ·");
+    wait_for(" prompt tokens cached]");
+    // Ctrl-D quits.
+    drop(stdin);
+    let st = c.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let mut out = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(!out.is_empty(), "answers were printed");
+}
