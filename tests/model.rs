@@ -259,3 +259,38 @@ fn long_context_attention_matches_and_is_batch_invariant() {
         assert!(one == batch[i * v..(i + 1) * v], "position {}: batch and single differ", 690 + i);
     }
 }
+
+/// Decode steps of several sessions batched into one pass give each session the logits a
+/// pass of its own gives, bit for bit (the server batches its sessions' steps this way), on
+/// both CPU backends, with sessions at different depths and the leader not the longest.
+#[test]
+fn multi_session_decode_equals_separate_passes() {
+    for kind in [BackendKind::Cpu, BackendKind::CpuRef] {
+        let l = Loaded::open(&tiny_model(GgmlType::Q4_1, 512)).unwrap();
+        let base = l.runner(kind, 0).unwrap();
+        let prompts: [Vec<u32>; 5] = [vec![5], (1..40).collect(), (3..9).collect(), (7..300).map(|t| t % 300).collect(), vec![9, 8, 7]];
+        let mut solo: Vec<Box<dyn Forward>> = prompts.iter().map(|_| base.fork(0).unwrap()).collect();
+        let mut many: Vec<Box<dyn Forward>> = prompts.iter().map(|_| base.fork(0).unwrap()).collect();
+        for ((p, a), b) in prompts.iter().zip(&mut solo).zip(&mut many) {
+            a.forward(p, 0, false).unwrap();
+            b.forward(p, 0, false).unwrap();
+        }
+        let v = l.config.n_vocab;
+        for step in 0..3u32 {
+            let tokens: Vec<u32> = (0..prompts.len() as u32).map(|i| 11 + 13 * i + step).collect();
+            let pos: Vec<usize> = prompts.iter().map(|p| p.len() + step as usize).collect();
+            let want: Vec<Vec<f32>> = solo.iter_mut().zip(&tokens).zip(&pos).map(|((f, &t), &p)| f.forward(&[t], p, false).unwrap()).collect();
+            let (lead, rest) = many.split_first_mut().unwrap();
+            let mut rest: Vec<&mut dyn Forward> = rest.iter_mut().map(|f| f.as_mut() as &mut dyn Forward).collect();
+            let got = lead.forward_multi(&mut rest, &tokens, &pos).unwrap();
+            for (i, w) in want.iter().enumerate() {
+                assert!(got[i * v..(i + 1) * v] == w[..], "{kind:?}: session {i} differs at step {step}");
+            }
+        }
+        // Sessions of another model are refused, not mixed.
+        let other = Loaded::open(&tiny_model(GgmlType::Q8_0, 512)).unwrap().runner(kind, 0).unwrap();
+        let mut other = other;
+        let err = many[0].forward_multi(&mut [other.as_mut()], &[1, 2], &[400, 0]).unwrap_err();
+        assert!(err.to_string().contains("same model"), "{err}");
+    }
+}

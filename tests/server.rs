@@ -234,14 +234,26 @@ async fn bad_input_gets_errors_and_the_session_stays_usable() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_sessions_take_turns() {
+async fn concurrent_sessions_take_turns_and_batch_losslessly() {
     let s = Server::tiny(&["--parallel", "4"]);
+    let request = |i: u64| json!({"type": "generate", "prompt": format!("session {i} says"), "max_tokens": 400, "temperature": 0.9, "seed": i});
+    // Each request alone first.
+    let mut solo = Vec::new();
+    let mut ws = s.ws().await;
+    for i in 0..4 {
+        ws.send(json!({"type": "session.update", "reset": true})).await;
+        ws.recv().await;
+        ws.send(request(i)).await;
+        solo.push(ws.until_end().await.1["text"].clone());
+    }
+    // Then all at once: they take turns (and their decode steps are batched).
     let mut handles = Vec::new();
     let t0 = Instant::now();
     for i in 0..4 {
         let mut ws = s.ws().await;
+        let req = request(i);
         handles.push(tokio::spawn(async move {
-            ws.send(json!({"type": "generate", "prompt": format!("session {i}"), "max_tokens": 400, "temperature": 0.9, "seed": i})).await;
+            ws.send(req).await;
             let mut first = None;
             loop {
                 let v = ws.recv().await;
@@ -260,10 +272,13 @@ async fn concurrent_sessions_take_turns() {
         results.push(h.await.unwrap());
     }
     let earliest_done = results.iter().map(|r| r.1).min().unwrap();
-    for (first, _, done) in &results {
+    for (i, (first, _, done)) in results.iter().enumerate() {
         assert!(*first < earliest_done, "every session streams before any finishes: first token {first:?}, a session done at {earliest_done:?}");
-        assert!(done["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+        assert_eq!(done["text"], solo[i], "session {i}: batched with others, the output is the one it gets alone");
     }
+    let m = tokio::task::spawn_blocking(move || http("GET", &s.url("/metrics"), "")).await.unwrap();
+    let batches = m.lines().find(|l| l.starts_with("flint_decode_batch_size_count")).unwrap_or_else(|| panic!("{m}"));
+    assert!(!batches.ends_with(" 0"), "decode steps were batched: {batches}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -278,6 +278,48 @@ impl<E: BorrowMut<Engine>> Generation<E> {
         self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
 
+    /// The engine this generation runs on.
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        self.engine.borrow_mut()
+    }
+
+    /// Where the next step is a plain decode step (one token whose predecessors are all in
+    /// the KV cache, no speculation), the token and its position, so a scheduler can run it
+    /// batched with other generations' steps ([`crate::model::Forward::forward_multi`]) and
+    /// hand the logits to [`Generation::next_with_logits`]. None: call `next` instead.
+    pub fn batch_token(&self) -> Option<(u32, usize)> {
+        if self.finish.is_some() || self.drafter.is_some() || !self.queue.is_empty() || self.cancelled() {
+            return None;
+        }
+        let n = self.context.len();
+        if self.generated.len() >= self.req.max_tokens || n >= self.n_ctx {
+            return None;
+        }
+        let cached = &self.engine.borrow().cached;
+        (cached.len() == n - 1 && cached[..] == self.context[..n - 1]).then(|| (self.context[n - 1], n - 1))
+    }
+
+    /// The step [`Generation::batch_token`] announced, with the logits its token produced.
+    pub fn next_with_logits(&mut self, logits: Vec<f32>) -> Option<Result<Step>> {
+        let last = *self.context.last().expect("the context is never empty");
+        self.engine.borrow_mut().cached.push(last);
+        if self.timings.forward_passes == 0 && !self.prefilled {
+            self.timings.cached_tokens = self.context.len() - 1;
+        }
+        self.timings.forward_passes += 1;
+        if let Err(e) = self.decide(Default::default(), logits) {
+            self.finish = Some(FinishReason::Cancelled);
+            self.flushed = true;
+            return Some(Err(e));
+        }
+        self.next()
+    }
+
+    /// A batched pass failed: the KV cache may be half-written.
+    pub fn fail_batched(&mut self) {
+        self.engine.borrow_mut().cached.clear();
+    }
+
     /// Run the model over whatever the KV cache lacks, plus `draft`. Returns the logits of
     /// the last context token followed by one row per draft token.
     fn run_model(&mut self, draft: &[u32]) -> Result<Vec<f32>> {
@@ -327,7 +369,12 @@ impl<E: BorrowMut<Engine>> Generation<E> {
             Some(d) if room > 0 => d.draft(&self.context, self.generated.len(), room, self.engine.borrow_mut().draft.as_mut())?,
             _ => Default::default(),
         };
-        let mut logits = self.run_model(&draft.tokens)?;
+        let logits = self.run_model(&draft.tokens)?;
+        self.decide(draft, logits)
+    }
+
+    /// Sample (or verify `draft` and sample) from the logits of a model step.
+    fn decide(&mut self, draft: crate::speculative::Draft, mut logits: Vec<f32>) -> Result<()> {
         let v = self.n_vocab;
         // Row i's history (for the repetition penalty) is the context plus draft[..i]; only
         // a repetition penalty needs it built.

@@ -330,6 +330,64 @@ impl<B: Backend> Session<B> {
         }
         b.read(&self.logits, 0, rows * c.n_vocab)
     }
+
+    /// One decode step for several sessions on the same weights in one pass: row 0 is
+    /// `self` (whose buffers hold the batch), row `i` is `others[i - 1]`; token `tokens[i]`
+    /// at position `pos[i]`. The matmuls run once over all rows, which costs little more
+    /// than one row where they are bound by reading the weights; attention runs per session
+    /// on its own KV cache. Returns every row's logits. Each row's logits are what a pass
+    /// of that session alone gives, bit for bit, where the backend's matmul is
+    /// batch-invariant (the CPU backends' are).
+    pub fn forward_multi(&mut self, m: &Model<B>, others: &mut [&mut Session<B>], tokens: &[u32], pos: &[usize]) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        if n != others.len() + 1 || pos.len() != n {
+            bail!("forward_multi: {n} tokens and {} positions for {} sessions", pos.len(), others.len() + 1);
+        }
+        self.reserve(m, pos[0] + 1)?;
+        for (o, &p) in others.iter_mut().zip(&pos[1..]) {
+            o.reserve(m, p + 1)?;
+        }
+        m.backend.run(|| {
+            self.ensure_batch(m, n)?;
+            let (c, b) = (&m.cfg, &m.backend);
+            let s = c.attn();
+            let (d, qd, kvd) = (c.n_embd, c.n_head * c.head_dim, s.kv_dim());
+            b.embed(&m.tok_embd, tokens, &mut self.x)?;
+            for (li, l) in m.layers.iter().enumerate() {
+                b.rmsnorm(&self.x, &l.attn_norm, c.eps, n, d, &mut self.xb)?;
+                b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xb, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
+                // Row 0 in place, at its own position.
+                b.rope(&mut self.q, 1, c.n_head, c.head_dim, pos[0], &m.rope)?;
+                b.rope(&mut self.k, 1, c.n_kv_head, c.head_dim, pos[0], &m.rope)?;
+                b.store_kv(&self.k, &mut self.k_cache[li], pos[0], 1, kvd)?;
+                b.store_kv(&self.v, &mut self.v_cache[li], pos[0], 1, kvd)?;
+                b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, 1, pos[0], s)?;
+                // Other rows through their session's own row-0 buffers.
+                for (i, o) in others.iter_mut().enumerate() {
+                    let (r, p) = (i + 1, pos[i + 1]);
+                    b.copy_rows(&self.q, r, &mut o.q, 0, 1, qd)?;
+                    b.copy_rows(&self.k, r, &mut o.k, 0, 1, kvd)?;
+                    b.copy_rows(&self.v, r, &mut o.v, 0, 1, kvd)?;
+                    b.rope(&mut o.q, 1, c.n_head, c.head_dim, p, &m.rope)?;
+                    b.rope(&mut o.k, 1, c.n_kv_head, c.head_dim, p, &m.rope)?;
+                    b.store_kv(&o.k, &mut o.k_cache[li], p, 1, kvd)?;
+                    b.store_kv(&o.v, &mut o.v_cache[li], p, 1, kvd)?;
+                    b.attention(&o.q, &o.k_cache[li], &o.v_cache[li], &mut o.att, 1, p, s)?;
+                    b.copy_rows(&o.att, 0, &mut self.att, r, 1, qd)?;
+                }
+                b.matmul(&l.wo, &self.att, n, &mut self.xb)?;
+                b.add(&mut self.x, &self.xb, n * d)?;
+                b.rmsnorm(&self.x, &l.ffn_norm, c.eps, n, d, &mut self.xb)?;
+                b.matmul_many(&[&l.w_gate, &l.w_up], &self.xb, n, &mut [&mut self.gate, &mut self.up])?;
+                b.swiglu(&mut self.gate, &self.up, n * c.n_ff)?;
+                b.matmul(&l.w_down, &self.gate, n, &mut self.xb)?;
+                b.add(&mut self.x, &self.xb, n * d)?;
+            }
+            b.rmsnorm(&self.x, &m.output_norm, c.eps, n, d, &mut self.xb)?;
+            b.matmul(m.output.as_ref().unwrap_or(&m.tok_embd), &self.xb, n, &mut self.logits)?;
+            b.read(&self.logits, 0, n * c.n_vocab)
+        })
+    }
 }
 
 /// An object-safe handle on a model and one session, so callers choose a backend at run time.
@@ -342,6 +400,11 @@ pub trait Forward: Send {
     fn reserve(&mut self, n: usize) -> Result<()>;
     /// A new session on the same weights, its KV cache sized for `capacity` positions.
     fn fork(&self, capacity: usize) -> Result<Box<dyn Forward>>;
+    /// One decode step for `self` and `others` (forks of the same model) in one batched
+    /// pass: token `tokens[i]` at position `pos[i]`, row 0 being `self`. Returns the rows'
+    /// logits. See [`Session::forward_multi`].
+    fn forward_multi(&mut self, others: &mut [&mut dyn Forward], tokens: &[u32], pos: &[usize]) -> Result<Vec<f32>>;
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
 }
 
 pub struct Runner<B: Backend> {
@@ -356,7 +419,7 @@ impl<B: Backend> Runner<B> {
     }
 }
 
-impl<B: Backend> Forward for Runner<B> {
+impl<B: Backend + 'static> Forward for Runner<B> {
     fn config(&self) -> &Config {
         &self.model.cfg
     }
@@ -371,5 +434,18 @@ impl<B: Backend> Forward for Runner<B> {
     }
     fn fork(&self, capacity: usize) -> Result<Box<dyn Forward>> {
         Ok(Box::new(Runner::new(self.model.clone(), capacity)?))
+    }
+    fn forward_multi(&mut self, others: &mut [&mut dyn Forward], tokens: &[u32], pos: &[usize]) -> Result<Vec<f32>> {
+        let mut sessions = Vec::with_capacity(others.len());
+        for o in others.iter_mut() {
+            match o.as_any().downcast_mut::<Runner<B>>() {
+                Some(r) if Arc::ptr_eq(&r.model, &self.model) => sessions.push(&mut r.session),
+                _ => bail!("forward_multi: every session must be a fork of the same model"),
+            }
+        }
+        self.session.forward_multi(&self.model, &mut sessions, tokens, pos)
+    }
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub inter_token: Histogram,
     /// Per finished generation: tokens after the first per second of decoding.
     pub decode_tok_s: Histogram,
+    /// Generations per batched decode pass.
+    pub batch_size: Histogram,
     pub completion_tokens: Counter,
     pub prompt_tokens: Counter,
     pub cached_tokens: Counter,
@@ -37,10 +39,12 @@ impl Metrics {
         let ttft = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let inter_token = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let decode_tok_s = Histogram::new(exponential_buckets(10.0, 2.0, 10));
+        let batch_size = Histogram::new(exponential_buckets(2.0, 2.0, 6));
         let m = Metrics {
             ttft,
             inter_token,
             decode_tok_s,
+            batch_size,
             completion_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
             cached_tokens: Counter::default(),
@@ -55,6 +59,7 @@ impl Metrics {
         r.register_with_unit("time_to_first_token", "Submission to first token", Unit::Seconds, m.ttft.clone());
         r.register_with_unit("inter_token_latency", "Time between consecutive streamed tokens", Unit::Seconds, m.inter_token.clone());
         r.register("decode_tokens_per_second", "Decode speed of each finished generation", m.decode_tok_s.clone());
+        r.register("decode_batch_size", "Generations per batched decode pass", m.batch_size.clone());
         r.register("completion_tokens", "Tokens generated", m.completion_tokens.clone());
         r.register("prompt_tokens", "Prompt tokens received", m.prompt_tokens.clone());
         r.register("cached_prompt_tokens", "Prompt tokens whose KV cache was reused", m.cached_tokens.clone());

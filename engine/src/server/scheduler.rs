@@ -2,11 +2,13 @@
 //! jobs and read their tokens from a bounded channel. Generations in progress take turns,
 //! one model step each (a decode step, a speculative verification, or a slice of a long
 //! prompt's prefill), so a long prompt or a long answer never starves the others. A job
-//! whose client reads slowly is skipped while its channel is full: the engine never blocks
+//! Plain decode steps of all generations that are at one are batched into one forward pass
+//! (the weights are read once for all of them). A job whose client reads slowly is skipped while its channel is full: the engine never blocks
 //! on a client and never buffers more than the channel holds.
 
 use super::metrics::Metrics;
-use crate::generate::{Engine, Generation, Outcome, Request};
+use crate::generate::{Engine, Generation, Outcome, Request, Step};
+use crate::model::Forward;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -271,14 +273,32 @@ impl Worker {
         }
     }
 
-    /// One model step for the job at the front, which then goes to the back. Returns false
-    /// when no job could step.
+    /// One model step for the job at the front, which then goes to the back. Where that
+    /// step is a plain decode step, every other job at the same point joins it in one
+    /// batched pass. Returns false when no job could step.
     fn step(&mut self) -> bool {
         for _ in 0..self.active.len() {
             let mut a = self.active.pop_front().expect("non-empty");
             if a.events.capacity() < STEP_ROOM {
                 self.active.push_back(a);
                 continue;
+            }
+            if !a.prefilling && a.gen.batch_token().is_some() {
+                let mut batch = vec![a];
+                let mut i = 0;
+                while i < self.active.len() {
+                    let b = &self.active[i];
+                    if !b.prefilling && b.events.capacity() >= STEP_ROOM && b.gen.batch_token().is_some() {
+                        batch.push(self.active.remove(i).expect("index in range"));
+                    } else {
+                        i += 1;
+                    }
+                }
+                if batch.len() > 1 {
+                    self.step_batch(batch);
+                    return true;
+                }
+                a = batch.pop().expect("one job");
             }
             if a.prefilling {
                 match a.gen.prefill_chunk(self.limits.prefill_chunk) {
@@ -293,31 +313,63 @@ impl Worker {
                     return true;
                 }
             }
-            match a.gen.next() {
-                Some(Ok(step)) => {
-                    let now = Instant::now();
-                    if step.token.is_some() {
-                        match a.last_token {
-                            None => self.metrics.ttft.observe((now - a.submitted).as_secs_f64()),
-                            Some(t) => self.metrics.inter_token.observe((now - t).as_secs_f64()),
-                        }
-                        a.last_token = Some(now);
-                        self.metrics.completion_tokens.inc();
-                    }
-                    let tokens = step.token.into_iter().collect();
-                    let _ = a.events.try_send(Event::Delta { text: step.text, tokens });
-                    if a.gen.is_finished() {
-                        self.finish(a);
-                    } else {
-                        self.active.push_back(a);
-                    }
-                }
-                Some(Err(e)) => self.fail(a, e),
-                None => self.finish(a),
-            }
+            let step = a.gen.next();
+            self.deliver(a, step);
             return true;
         }
         false
+    }
+
+    /// One decode step of several generations in one forward pass.
+    fn step_batch(&mut self, mut batch: Vec<Active>) {
+        let (tokens, pos): (Vec<u32>, Vec<usize>) = batch.iter().map(|a| a.gen.batch_token().expect("checked")).unzip();
+        self.metrics.batch_size.observe(batch.len() as f64);
+        let result = {
+            let mut fwds: Vec<&mut dyn Forward> = batch.iter_mut().map(forward_of).collect();
+            let (lead, rest) = fwds.split_first_mut().expect("non-empty batch");
+            lead.forward_multi(rest, &tokens, &pos)
+        };
+        match result {
+            Ok(logits) => {
+                let v = logits.len() / batch.len();
+                for (mut a, row) in batch.into_iter().zip(logits.chunks_exact(v)) {
+                    let step = a.gen.next_with_logits(row.to_vec());
+                    self.deliver(a, step);
+                }
+            }
+            Err(e) => {
+                for mut a in batch {
+                    a.gen.fail_batched();
+                    self.fail(a, anyhow::anyhow!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    /// Send a step's output and put the job back in line, or finish it.
+    fn deliver(&mut self, mut a: Active, step: Option<anyhow::Result<Step>>) {
+        match step {
+            Some(Ok(step)) => {
+                let now = Instant::now();
+                if step.token.is_some() {
+                    match a.last_token {
+                        None => self.metrics.ttft.observe((now - a.submitted).as_secs_f64()),
+                        Some(t) => self.metrics.inter_token.observe((now - t).as_secs_f64()),
+                    }
+                    a.last_token = Some(now);
+                    self.metrics.completion_tokens.inc();
+                }
+                let tokens = step.token.into_iter().collect();
+                let _ = a.events.try_send(Event::Delta { text: step.text, tokens });
+                if a.gen.is_finished() {
+                    self.finish(a);
+                } else {
+                    self.active.push_back(a);
+                }
+            }
+            Some(Err(e)) => self.fail(a, e),
+            None => self.finish(a),
+        }
     }
 
     fn fail(&mut self, a: Active, e: anyhow::Error) {
@@ -377,4 +429,8 @@ impl Worker {
             }
         }
     }
+}
+
+fn forward_of(a: &mut Active) -> &mut dyn Forward {
+    a.gen.engine_mut().fwd.as_mut()
 }
