@@ -226,7 +226,7 @@ impl Backend for Cpu {
                         d: &act.d[t * nb..(t + 1) * nb],
                         s: &act.s[t * nb..(t + 1) * nb],
                     };
-                    // Four tokens at a time share each unpacked weight block; then the rest.
+                    // Four tokens at a time share each unpacked weight block.
                     let n4 = n / 4 * 4;
                     for r in rows.clone() {
                         let row = w.row(r);
@@ -236,9 +236,15 @@ impl Backend for Cpu {
                                 unsafe { *{ o }.0.add((t + j) * m + r) = v };
                             }
                         }
-                        for t in n4..n {
-                            let v = dot::dot_q(w.ty, row, act_row(t), isa);
-                            unsafe { *{ o }.0.add(t * m + r) = v };
+                        // The rest (batched decode steps of 2 or 3 sessions) also share blocks.
+                        let rest: &[f32] = match n - n4 {
+                            0 => &[],
+                            1 => &[dot::dot_q(w.ty, row, act_row(n4), isa)],
+                            2 => &dot::dot_q_n(w.ty, row, [act_row(n4), act_row(n4 + 1)], isa),
+                            _ => &dot::dot_q_n(w.ty, row, [act_row(n4), act_row(n4 + 1), act_row(n4 + 2)], isa),
+                        };
+                        for (j, &v) in rest.iter().enumerate() {
+                            unsafe { *{ o }.0.add((n4 + j) * m + r) = v };
                         }
                     }
                 } else {

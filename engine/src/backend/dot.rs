@@ -77,8 +77,10 @@ pub fn dot_q_x4(ty: GgmlType, row: &[u8], a: [Q8Row; 4], isa: Isa) -> [f32; 4] {
     dot_q_n(ty, row, a, isa)
 }
 
+/// N tokens at once (N = 2, 3 for the rest of a batch after its groups of four): the same
+/// bits per token as [`dot_q`].
 #[inline]
-fn dot_q_n<const N: usize>(ty: GgmlType, row: &[u8], a: [Q8Row; N], isa: Isa) -> [f32; N] {
+pub fn dot_q_n<const N: usize>(ty: GgmlType, row: &[u8], a: [Q8Row; N], isa: Isa) -> [f32; N] {
     match isa.0 {
         // SAFETY: an Isa of these levels exists only where detection found their features.
         #[cfg(target_arch = "x86_64")]
