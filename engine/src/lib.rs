@@ -6,6 +6,7 @@
 //! - [`backend`]: the op-level [`backend::Backend`] trait and the CPU backends.
 //! - [`model`]: the Llama forward pass, written once against the trait.
 //! - [`sampler`], [`generate`]: sampling and the streaming, cancellable decode loop.
+//! - [`hdl`]: the bit-exact golden model of the HDL reference design (`hdl/`).
 //! - [`server`], [`client`]: `flint serve` (WebSocket, OpenAI HTTP, browser page) and the
 //!   terminal client for it.
 //! - [`synth`], [`pull`], [`bench`]: synthetic models, the default model, benchmarks.
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod client;
 pub mod generate;
 pub mod gguf;
+pub mod hdl;
 pub mod model;
 pub mod pull;
 pub mod quant;

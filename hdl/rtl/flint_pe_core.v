@@ -1,0 +1,168 @@
+// A PE's compute unit: holds its weight tile (rows x blocks of Q8_0, 9 words per block,
+// row-major) in local SRAM and consumes activation blocks as they arrive on colour 0: for
+// each block, every row's block product is formed (one 32-bit word, four int8 MACs, per
+// cycle) and added exactly into the row's 128-bit accumulator. Then the reduction: unless it
+// is first in its mesh row, it takes each row's partial sum from the west (colour 1, four
+// words, low first), adds its own, and sends it east (colour 1) or, last in the mesh row,
+// rounds it to f32 and sends the result (colour 2).
+module flint_pe_core #(
+    parameter NC = 3,
+    parameter MEM_AW = 12,
+    parameter ROWS_AW = 6
+) (
+    input  wire              clk,
+    input  wire              rst,
+    input  wire              go,
+    input  wire              ld_we,
+    input  wire [MEM_AW-1:0] ld_addr,
+    input  wire [31:0]       ld_data,
+    input  wire [ROWS_AW:0]  cfg_rows,
+    input  wire [15:0]       cfg_blocks,
+    input  wire              cfg_first,
+    input  wire              cfg_last,
+    input  wire              rx_valid,
+    input  wire [1:0]        rx_colour,
+    input  wire [31:0]       rx_data,
+    output reg  [NC-1:0]     rx_ready,
+    output reg               tx_valid,
+    output reg  [1:0]        tx_colour,
+    output reg  [31:0]       tx_data,
+    input  wire [NC-1:0]     tx_ready,
+    output reg               done,
+    output reg  [31:0]       stat_mac,
+    output reg  [31:0]       stat_cycles
+);
+    `include "flint_numeric.vh"
+
+    localparam S_IDLE = 3'd0, S_ACT = 3'd1, S_MAC = 3'd2, S_RX = 3'd3, S_TX = 3'd4, S_DONE = 3'd5;
+
+    reg [31:0] mem [0:(1<<MEM_AW)-1];
+    reg [31:0] mem_q;
+    reg [MEM_AW-1:0] rd_addr;
+    reg [127:0] acc [0:(1<<ROWS_AW)-1];
+    reg [31:0] abuf [0:8];
+
+    reg [2:0] state;
+    reg [3:0] k;               // word within a block (MAC), word of a partial sum (RX, TX)
+    reg [ROWS_AW:0] row;
+    reg [15:0] blk;
+    reg [MEM_AW-1:0] row_addr; // SRAM address of (row, blk), word 0
+    reg [MEM_AW-1:0] stride;   // blocks * 9: from one row to the next
+    reg signed [20:0] psum;
+    reg [127:0] sum;
+
+    wire act_in = rx_valid && rx_colour == 2'd0 && rx_ready[0];
+    wire part_in = rx_valid && rx_colour == 2'd1 && rx_ready[1];
+    wire tx_fire = tx_valid && tx_ready[tx_colour];
+    wire [127:0] term = q8_term(psum, mem_q[15:0], abuf[8][15:0]);
+    wire last_row = row + 1'b1 == cfg_rows;
+    // The row's total: the partial sum from the west (0 first in the mesh row) plus its own.
+    wire [127:0] own = cfg_blocks == 0 ? 128'd0 : acc[row];
+    wire [127:0] total = sum + own;
+
+    always @* begin
+        rx_ready = 0;
+        rx_ready[0] = state == S_ACT;
+        rx_ready[1] = state == S_RX;
+        tx_valid = state == S_TX;
+        tx_colour = cfg_last ? 2'd2 : 2'd1;
+        tx_data = cfg_last ? acc_to_f32(total) : total[k*32 +: 32];
+        rd_addr = (k == 4'd9) ? row_addr + stride : row_addr + k;
+    end
+
+    always @(posedge clk) begin
+        if (ld_we)
+            mem[ld_addr] <= ld_data;
+        mem_q <= mem[rd_addr];
+    end
+
+    always @(posedge clk) begin
+        if (rst) begin
+            state <= S_IDLE;
+            done <= 1'b0;
+            stat_mac <= 0;
+            stat_cycles <= 0;
+        end else if (go) begin
+            state <= cfg_rows == 0 ? S_DONE : (cfg_blocks == 0 ? (cfg_first ? S_TX : S_RX) : S_ACT);
+            done <= 1'b0;
+            k <= 0;
+            row <= 0;
+            blk <= 0;
+            row_addr <= 0;
+            stride <= cfg_blocks * 9;
+            sum <= 0;
+            stat_mac <= 0;
+            stat_cycles <= 0;
+        end else begin
+            if (state != S_IDLE && state != S_DONE)
+                stat_cycles <= stat_cycles + 1;
+            case (state)
+                S_ACT: if (act_in) begin
+                    abuf[k] <= rx_data;
+                    if (k == 8) begin
+                        k <= 0;
+                        row <= 0;
+                        state <= S_MAC;
+                    end else begin
+                        k <= k + 1'b1;
+                    end
+                end
+                S_MAC: begin
+                    // Cycle k reads word k; mem_q holds word k-1.
+                    if (k >= 1 && k <= 8) begin
+                        psum <= (k == 1 ? 21'sd0 : psum) + dot4(mem_q, abuf[k-1]);
+                        stat_mac <= stat_mac + 1;
+                    end
+                    if (k == 9) begin
+                        // mem_q is the weight block's scale: the row's term is complete.
+                        acc[row] <= (blk == 0 ? 128'd0 : acc[row]) + term;
+                        if (last_row) begin
+                            k <= 0;
+                            row <= 0;
+                            blk <= blk + 1'b1;
+                            row_addr <= (blk + 1'b1) * 9;
+                            if (blk + 1'b1 == cfg_blocks)
+                                state <= cfg_first ? S_TX : S_RX;
+                            else
+                                state <= S_ACT;
+                            sum <= 0;
+                        end else begin
+                            // The next row's word 0 was read this cycle.
+                            k <= 1;
+                            row <= row + 1'b1;
+                            row_addr <= row_addr + stride;
+                        end
+                    end else begin
+                        k <= k + 1'b1;
+                    end
+                end
+                S_RX: if (part_in) begin
+                    sum[k*32 +: 32] <= rx_data;
+                    if (k == 3) begin
+                        k <= 0;
+                        state <= S_TX;
+                    end else begin
+                        k <= k + 1'b1;
+                    end
+                end
+                S_TX: begin
+                    if (tx_fire) begin
+                        if (cfg_last || k == 3) begin
+                            k <= 0;
+                            if (last_row) begin
+                                state <= S_DONE;
+                            end else begin
+                                row <= row + 1'b1;
+                                state <= cfg_first ? S_TX : S_RX;
+                            end
+                        end else begin
+                            k <= k + 1'b1;
+                        end
+                    end
+                end
+                S_DONE: done <= 1'b1;
+                default: ;
+            endcase
+        end
+    end
+endmodule
