@@ -192,18 +192,20 @@ fn write_hex(path: &Path, words: impl Iterator<Item = u32>) -> Result<()> {
     Ok(())
 }
 
-/// Write a GEMV's vectors for the benches: `meta.hex` (rows, blocks per row), `weights.hex`
+/// Write a GEMV's vectors for the benches: `meta.hex` (rows, blocks per row, and the counts
+/// of unit cases below), `weights.hex`
 /// (row-major, 9 words per block), `acts.hex`, `expected.hex` (f32 bits per row), plus the
 /// unit benches' `terms.hex` (a weight block, an activation block, their 128-bit term) and
 /// `round.hex` (a 128-bit accumulator, its f32) on edge cases and random values.
 pub fn write_vectors(dir: &Path, w: &Matrix, x: &[Block], seed: u64) -> Result<Vec<f32>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let y = gemv(w, x)?;
-    write_hex(&dir.join("meta.hex"), [w.rows as u32, w.nb as u32].into_iter())?;
+    let (pairs, accs) = unit_cases(seed)?;
+    let meta = [w.rows as u32, w.nb as u32, pairs.len() as u32, accs.len() as u32];
+    write_hex(&dir.join("meta.hex"), meta.into_iter())?;
     write_hex(&dir.join("weights.hex"), w.blocks.iter().flat_map(|b| b.words()))?;
     write_hex(&dir.join("acts.hex"), x.iter().flat_map(|b| b.words()))?;
     write_hex(&dir.join("expected.hex"), y.iter().map(|v| v.to_bits()))?;
-    let (pairs, accs) = unit_cases(seed)?;
     let words128 = |v: i128| (0..4).map(move |i| (v as u128 >> (32 * i)) as u32);
     write_hex(
         &dir.join("terms.hex"),

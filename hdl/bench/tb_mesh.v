@@ -16,7 +16,7 @@ module tb_mesh;
     always #1 clk = ~clk;
     reg rst = 1;
 
-    reg [31:0] meta [0:1];
+    reg [31:0] meta [0:3];
     reg [31:0] W [0:131071];
     reg [31:0] A [0:16383];
     reg [31:0] Y [0:16383];
