@@ -11,11 +11,17 @@ echo "== installing test dependencies"
 # real clients the server tests drive).
 python3 -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" "numpy>=1.26" \
   "openai>=1.50" "websockets>=12" "selenium>=4.20"
-# Headless Chromium and its driver, for the browser page's test.
-if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
+# Debian packages: headless Chromium and its driver (the browser page's test); Verilator,
+# Icarus Verilog and yosys (the HDL benches and synthesis).
+need=()
+for p in chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver verilator:/usr/bin/verilator \
+         iverilog:/usr/bin/iverilog yosys:/usr/bin/yosys; do
+  [ -x "${p#*:}" ] || need+=("${p%%:*}")
+done
+if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"
 fi
 
 echo "== building"
@@ -28,3 +34,7 @@ echo "model: $model"
 echo "== tests"
 export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1 FLINT_REQUIRE_BROWSER=1
 cargo test --release --locked --workspace -- --nocapture
+
+echo "== HDL benches (Verilator and Icarus, bit-exact against the golden model) and synthesis"
+make -C hdl test MODEL="$model" FLINT="$PWD/target/release/flint"
+make -C hdl synth

@@ -305,14 +305,7 @@ impl<B: Backend> Session<B> {
             b.store_kv(&self.k, &mut self.k_cache[li], pos0, n, kvd)?;
             b.store_kv(&self.v, &mut self.v_cache[li], pos0, n, kvd)?;
             b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, n, pos0, s)?;
-            b.matmul(&l.wo, &self.att, n, &mut self.xb)?;
-            b.add(&mut self.x, &self.xb, n * d)?;
-            // Feed-forward block.
-            b.rmsnorm(&self.x, &l.ffn_norm, c.eps, n, d, &mut self.xb)?;
-            b.matmul_many(&[&l.w_gate, &l.w_up], &self.xb, n, &mut [&mut self.gate, &mut self.up])?;
-            b.swiglu(&mut self.gate, &self.up, n * c.n_ff)?;
-            b.matmul(&l.w_down, &self.gate, n, &mut self.xb)?;
-            b.add(&mut self.x, &self.xb, n * d)?;
+            self.finish_layer(m, l, n)?;
         }
         if !logits {
             return Ok(Vec::new());
@@ -329,6 +322,19 @@ impl<B: Backend> Session<B> {
             b.matmul(out_w, &self.x, 1, &mut self.logits)?;
         }
         b.read(&self.logits, 0, rows * c.n_vocab)
+    }
+
+    /// The rest of a layer once `att` holds the attention output of `n` rows: the output
+    /// projection and residual, then the feed-forward block and its residual.
+    fn finish_layer(&mut self, m: &Model<B>, l: &Layer<B>, n: usize) -> Result<()> {
+        let (c, b, d) = (&m.cfg, &m.backend, m.cfg.n_embd);
+        b.matmul(&l.wo, &self.att, n, &mut self.xb)?;
+        b.add(&mut self.x, &self.xb, n * d)?;
+        b.rmsnorm(&self.x, &l.ffn_norm, c.eps, n, d, &mut self.xb)?;
+        b.matmul_many(&[&l.w_gate, &l.w_up], &self.xb, n, &mut [&mut self.gate, &mut self.up])?;
+        b.swiglu(&mut self.gate, &self.up, n * c.n_ff)?;
+        b.matmul(&l.w_down, &self.gate, n, &mut self.xb)?;
+        b.add(&mut self.x, &self.xb, n * d)
     }
 
     /// One decode step for several sessions on the same weights in one pass: row 0 is
@@ -375,13 +381,7 @@ impl<B: Backend> Session<B> {
                     b.attention(&o.q, &o.k_cache[li], &o.v_cache[li], &mut o.att, 1, p, s)?;
                     b.copy_rows(&o.att, 0, &mut self.att, r, 1, qd)?;
                 }
-                b.matmul(&l.wo, &self.att, n, &mut self.xb)?;
-                b.add(&mut self.x, &self.xb, n * d)?;
-                b.rmsnorm(&self.x, &l.ffn_norm, c.eps, n, d, &mut self.xb)?;
-                b.matmul_many(&[&l.w_gate, &l.w_up], &self.xb, n, &mut [&mut self.gate, &mut self.up])?;
-                b.swiglu(&mut self.gate, &self.up, n * c.n_ff)?;
-                b.matmul(&l.w_down, &self.gate, n, &mut self.xb)?;
-                b.add(&mut self.x, &self.xb, n * d)?;
+                self.finish_layer(m, l, n)?;
             }
             b.rmsnorm(&self.x, &m.output_norm, c.eps, n, d, &mut self.xb)?;
             b.matmul(m.output.as_ref().unwrap_or(&m.tok_embd), &self.xb, n, &mut self.logits)?;

@@ -53,50 +53,61 @@ module flint_router #(
         end
     endgenerate
 
-    // Arbitration: per output, the first requesting source after the last one granted.
-    reg [3:0] ptr [0:4];
-    reg [3:0] gsrc [0:4];
-    reg [4:0] gany;
-    reg [NS*5-1:0] served;
-    reg [4:0] blocked;
-    integer o, k, s, c;
-    always @* begin
-        served = 0;
-        blocked = 0;
-        for (o = 0; o < 5; o = o + 1) begin
-            gany[o] = 1'b0;
-            gsrc[o] = 4'd0;
-            for (k = 1; k <= NS; k = k + 1) begin
-                s = (ptr[o] + k) % NS;
-                c = s % NC;
-                if (hv[s] && route[s*5 + o] && !sent[s*5 + o]) begin
-                    if (out_ready[o*NC + c]) begin
-                        if (!gany[o]) begin
-                            gany[o] = 1'b1;
-                            gsrc[o] = s;
-                        end
-                    end else begin
-                        blocked[o] = 1'b1;
-                    end
-                end
+    // Arbitration, per output: the first requesting source after the one granted last
+    // (round-robin), found with a thermometer mask and a lowest-set-bit pick.
+    reg  [5*4-1:0]  ptr;
+    wire [NS*5-1:0] served;  // served[s*5 + o]: output o takes source s's head this cycle
+    wire [4:0]      blocked; // a head wants the output but its colour cannot go downstream
+    wire [4:0]      gany;
+    wire [5*4-1:0]  gsrc;
+    genvar go, gs;
+    generate
+        for (go = 0; go < 5; go = go + 1) begin : g_out
+            wire [NS-1:0] want, req, onehot;
+            for (gs = 0; gs < NS; gs = gs + 1) begin : g_req
+                assign want[gs] = hv[gs] && route[gs*5 + go] && !sent[gs*5 + go];
+                assign req[gs] = want[gs] && out_ready[go*NC + gs % NC];
+                assign served[gs*5 + go] = onehot[gs];
             end
-            out_valid[o] = gany[o];
-            out_colour[o*2 +: 2] = gsrc[o] % NC;
-            out_data[o*32 +: 32] = hd[gsrc[o]*32 +: 32];
-            if (gany[o])
-                served[gsrc[o]*5 + o] = 1'b1;
+            wire [NS-1:0] above = req & ~(({{(NS-1){1'b0}}, 1'b1} << ptr[go*4 +: 4] << 1) - 1'b1);
+            wire [NS-1:0] pick = (|above) ? above : req;
+            assign onehot = pick & (~pick + 1'b1);
+            reg [3:0] idx;
+            reg [1:0] col;
+            reg [31:0] data;
+            integer j;
+            always @* begin
+                idx = 0;
+                col = 0;
+                data = 0;
+                for (j = 0; j < NS; j = j + 1)
+                    if (onehot[j]) begin
+                        idx = j;
+                        col = j % NC;
+                        data = data | hd[j*32 +: 32];
+                    end
+                out_valid[go] = |req;
+                out_colour[go*2 +: 2] = col;
+                out_data[go*32 +: 32] = data;
+            end
+            assign gany[go] = |req;
+            assign gsrc[go*4 +: 4] = idx;
+            assign blocked[go] = |want && !(|req);
         end
-        for (s = 0; s < NS; s = s + 1) begin
+    endgenerate
+
+    integer s, o;
+    always @* begin
+        for (s = 0; s < NS; s = s + 1)
             // Done with a head when every output of its route took it (an empty route drops it).
             pop[s] = hv[s] && (((sent[s*5 +: 5] | served[s*5 +: 5]) & route[s*5 +: 5]) == route[s*5 +: 5]);
-        end
     end
 
+    integer q;
     always @(posedge clk) begin
         if (rst) begin
             sent <= 0;
-            for (o = 0; o < 5; o = o + 1)
-                ptr[o] <= 0;
+            ptr <= 0;
             stat_xfer <= 0;
             stat_stall <= 0;
         end else begin
@@ -104,10 +115,12 @@ module flint_router #(
                 sent[s*5 +: 5] <= pop[s] ? 5'b0 : (sent[s*5 +: 5] | served[s*5 +: 5]);
             for (o = 0; o < 5; o = o + 1) begin
                 if (gany[o]) begin
-                    ptr[o] <= gsrc[o];
-                    stat_xfer[(o*NC + gsrc[o] % NC)*32 +: 32] <= stat_xfer[(o*NC + gsrc[o] % NC)*32 +: 32] + 1;
+                    ptr[o*4 +: 4] <= gsrc[o*4 +: 4];
+                    for (q = 0; q < NC; q = q + 1)
+                        if (out_colour[o*2 +: 2] == q)
+                            stat_xfer[(o*NC + q)*32 +: 32] <= stat_xfer[(o*NC + q)*32 +: 32] + 1;
                 end
-                if (blocked[o] && !gany[o])
+                if (blocked[o])
                     stat_stall[o*32 +: 32] <= stat_stall[o*32 +: 32] + 1;
             end
         end
