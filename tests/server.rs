@@ -491,3 +491,58 @@ fn terminal_chat_over_the_websocket() {
     c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     assert!(!out.is_empty(), "answers were printed");
 }
+
+/// Backpressure in the engine thread: a generation whose client does not read stops at its
+/// channel's bound (nothing more is buffered) while the others go on, and resumes when the
+/// client reads again, with nothing lost.
+#[test]
+fn a_client_that_does_not_read_is_held_at_its_bound_and_others_go_on() {
+    use flint::generate::Request;
+    use flint::sampler::SamplerConfig;
+    use flint::server::metrics::Metrics;
+    use flint::server::scheduler::{Event, Job, Limits, Scheduler, Slot, CHANNEL};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let l = flint::Loaded::open(&tiny_model(GgmlType::Q8_0, 2048)).unwrap();
+    let engine = l.engine(flint::BackendKind::Cpu, 0).unwrap();
+    let limits = Limits { parallel: 4, max_queue: 8, prefill_chunk: 64 };
+    let (sched, thread) = Scheduler::start(engine, limits, Arc::new(Metrics::new()));
+    let job = |slot, n| {
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL);
+        let req = Request::new(vec![5, 6, 7], n, SamplerConfig::default());
+        (Job { slot, req, cancel: Arc::new(AtomicBool::new(false)), events: tx }, rx)
+    };
+    let (slow, mut slow_rx) = job(Slot::Conv(1), 1000);
+    let (fast, mut fast_rx) = job(Slot::Conv(2), 300);
+    sched.submit(slow);
+    sched.submit(fast);
+    let drain = |rx: &mut tokio::sync::mpsc::Receiver<Event>| -> (String, usize) {
+        let mut text = String::new();
+        let mut n = 0;
+        loop {
+            match rx.blocking_recv().expect("the engine ended the job") {
+                Event::Delta { text: t, tokens } => {
+                    text.push_str(&t);
+                    n += tokens.len();
+                }
+                Event::Done(o) => {
+                    assert_eq!(o.text, text, "nothing was lost");
+                    return (text, n);
+                }
+                Event::Error { message, .. } => panic!("{message}"),
+            }
+        }
+    };
+    // The fast job finishes while the slow one's client reads nothing.
+    let (_, n) = drain(&mut fast_rx);
+    assert_eq!(n, 300);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(slow_rx.len() <= CHANNEL, "at most the channel is buffered");
+    assert_eq!(slow_rx.len(), CHANNEL - 2, "the engine stopped at its bound (room for a step kept free)");
+    // Reading again resumes it to the end.
+    let (_, n) = drain(&mut slow_rx);
+    assert_eq!(n, 1000);
+    sched.shutdown(Duration::from_secs(1));
+    drop(sched);
+    thread.join().unwrap();
+}

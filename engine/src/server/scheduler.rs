@@ -47,6 +47,9 @@ pub enum Event {
 const STEP_ROOM: usize = 3;
 /// Channel size per job: how far the engine may run ahead of a slow client.
 pub const CHANNEL: usize = 64;
+/// A generation whose client has read nothing for this long is cancelled, so clients that
+/// stop reading cannot hold the engine's places forever.
+pub const CLIENT_STALL: Duration = Duration::from_secs(30);
 
 pub struct Limits {
     /// Generations in progress at once; more wait in a FIFO queue.
@@ -130,6 +133,8 @@ struct Active {
     submitted: Instant,
     prefilling: bool,
     last_token: Option<Instant>,
+    /// Since when its channel has been full.
+    blocked_since: Option<Instant>,
 }
 
 struct Worker {
@@ -241,6 +246,7 @@ impl Worker {
                 submitted,
                 prefilling: true,
                 last_token: None,
+                blocked_since: None,
             });
         }
     }
@@ -280,9 +286,14 @@ impl Worker {
         for _ in 0..self.active.len() {
             let mut a = self.active.pop_front().expect("non-empty");
             if a.events.capacity() < STEP_ROOM {
+                let since = *a.blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > CLIENT_STALL {
+                    a.cancel.store(true, Ordering::SeqCst);
+                }
                 self.active.push_back(a);
                 continue;
             }
+            a.blocked_since = None;
             if !a.prefilling && a.gen.batch_token().is_some() {
                 let mut batch = vec![a];
                 let mut i = 0;

@@ -104,7 +104,9 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
             };
             let mut ok = true;
             for v in out {
-                if socket.send(text(&v)).await.is_err() {
+                // A client that stops reading is dropped rather than waited for forever.
+                let sent = tokio::time::timeout(super::scheduler::CLIENT_STALL, socket.send(text(&v))).await;
+                if !matches!(sent, Ok(Ok(()))) {
                     ok = false;
                     break;
                 }
