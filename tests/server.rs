@@ -546,3 +546,20 @@ fn a_client_that_does_not_read_is_held_at_its_bound_and_others_go_on() {
     drop(sched);
     thread.join().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_are_closed_and_free_their_place() {
+    let s = Server::tiny(&["--max-sessions", "1", "--idle-timeout", "0.5"]);
+    let mut ws = s.ws().await;
+    // A turn runs; then, with no message and nothing generating, the session is closed.
+    ws.send(json!({"type": "generate", "prompt": "a", "max_tokens": 3})).await;
+    assert_eq!(ws.until_end().await.1["type"], "done");
+    let t = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(10), ws.0.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected a close for idleness, got {other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_millis(300), "closed too early: {:?}", t.elapsed());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _again = s.ws().await; // the place is free
+}

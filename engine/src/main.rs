@@ -181,6 +181,9 @@ struct ServeArgs {
     /// Speculative decoding for requests that do not choose: none or ngram (prompt lookup).
     #[arg(long)]
     speculative: Option<String>,
+    /// Seconds a WebSocket session may sit idle (no message, nothing generating) before it is closed.
+    #[arg(long, default_value_t = 600.0)]
+    idle_timeout: f64,
 }
 
 #[derive(Args)]
@@ -530,8 +533,11 @@ fn serve(a: ServeArgs) -> Result<()> {
             bail!("--speculative for serve: none or ngram (requests bring their own prediction)");
         }
     }
-    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
+    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0 && a.shutdown_grace < 1e9) {
         bail!("--shutdown-grace must be a number of seconds >= 0");
+    }
+    if !(a.idle_timeout.is_finite() && a.idle_timeout > 0.0 && a.idle_timeout < 1e9) {
+        bail!("--idle-timeout must be a number of seconds > 0");
     }
     let path = model_path(&a.model.model)?;
     let l = Loaded::open(&path)?;
@@ -548,6 +554,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         default_max_tokens: a.max_tokens,
         prefill_chunk: a.prefill_chunk,
         shutdown_grace: std::time::Duration::from_secs_f64(a.shutdown_grace),
+        idle_timeout: std::time::Duration::from_secs_f64(a.idle_timeout),
         speculative: a.speculative,
     };
     flint::server::serve(engine, model_id, opts)

@@ -50,6 +50,9 @@ pub struct Options {
     pub prefill_chunk: usize,
     /// On shutdown, how long running generations may go on before they are cancelled.
     pub shutdown_grace: Duration,
+    /// A WebSocket session with no message from its client and nothing generating for this
+    /// long is closed (code 1001), so idle connections cannot hold every session place.
+    pub idle_timeout: Duration,
     /// Speculative decoding for requests that do not choose ("none" or "ngram").
     pub speculative: Option<String>,
 }
@@ -67,6 +70,7 @@ impl Default for Options {
             default_max_tokens: 512,
             prefill_chunk: 128,
             shutdown_grace: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
             speculative: None,
         }
     }

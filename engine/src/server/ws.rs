@@ -87,6 +87,7 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
     let mut c = Conn { id, state: state.clone(), system: None, defaults: GenParams::default(), context: Vec::new(), chat: false, running: None };
     let hello = json!({"type": "session", "id": id.to_string(), "model": state.model_id, "n_ctx": state.n_ctx});
     let mut shutdown = state.shutdown.clone();
+    let mut last_seen = tokio::time::Instant::now();
     if socket.send(text(&hello)).await.is_ok() {
         loop {
             if *shutdown.borrow() && c.running.is_none() {
@@ -94,12 +95,24 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
                 let _ = socket.send(Ws::Close(Some(close))).await;
                 break;
             }
+            let idle = tokio::time::sleep_until(last_seen + state.opts.idle_timeout);
             let out = tokio::select! {
                 m = socket.recv() => match m {
-                    Some(Ok(m)) => c.on_message(m),
+                    Some(Ok(m)) => {
+                        last_seen = tokio::time::Instant::now();
+                        c.on_message(m)
+                    }
                     _ => break, // closed or broken: the engine cancels the job when its channel closes
                 },
-                ev = next_event(&mut c.running) => c.on_event(ev),
+                _ = idle, if c.running.is_none() => {
+                    let close = CloseFrame { code: 1001, reason: "idle".into() };
+                    let _ = socket.send(Ws::Close(Some(close))).await;
+                    break;
+                }
+                ev = next_event(&mut c.running) => {
+                    last_seen = tokio::time::Instant::now();
+                    c.on_event(ev)
+                }
                 _ = shutdown.changed(), if !*shutdown.borrow() => Vec::new(),
             };
             let mut ok = true;
