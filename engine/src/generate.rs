@@ -296,7 +296,10 @@ impl<E: BorrowMut<Engine>> Generation<E> {
             return None;
         }
         let cached = &self.engine.borrow().cached;
-        (cached.len() == n - 1 && cached[..] == self.context[..n - 1]).then(|| (self.context[n - 1], n - 1))
+        // Once this generation has run the model (no drafts), the cache is exactly the context
+        // but its last token whenever the lengths say so: compare the tokens only before that.
+        let in_sync = cached.len() == n - 1 && (self.timings.forward_passes > 0 || cached[..] == self.context[..n - 1]);
+        in_sync.then(|| (self.context[n - 1], n - 1))
     }
 
     /// The step [`Generation::batch_token`] announced, with the logits its token produced.
