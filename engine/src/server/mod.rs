@@ -207,6 +207,12 @@ impl State {
     }
 }
 
+/// The engine's timings of a finished generation, as both APIs report them.
+pub(crate) fn timings_json(o: &crate::generate::Outcome) -> serde_json::Value {
+    let t = &o.timings;
+    serde_json::json!({"ttft_ms": t.ttft_ms, "prompt_ms": t.prompt_ms, "decode_tok_s": t.decode_tok_s, "forward_passes": t.forward_passes})
+}
+
 const PAGE: &str = include_str!("page.html");
 
 /// Serve until Ctrl-C or SIGTERM, then shut down gracefully.

@@ -246,11 +246,6 @@ fn usage(o: &Outcome) -> Value {
     })
 }
 
-fn timings(o: &Outcome) -> Value {
-    let t = &o.timings;
-    json!({"ttft_ms": t.ttft_ms, "prompt_ms": t.prompt_ms, "decode_tok_s": t.decode_tok_s, "forward_passes": t.forward_passes})
-}
-
 async fn run(s: Arc<State>, prompt: Vec<u32>, c: Common, kind: Kind) -> Response {
     if c.n.is_some_and(|n| n != 1) {
         return fail(ApiError::invalid("n: only one choice per request"));
@@ -307,7 +302,7 @@ async fn whole(meta: Meta, first: Event, mut rx: mpsc::Receiver<Event>) -> Respo
                     Kind::Completion => "text_completion",
                 });
                 body["usage"] = usage(&o);
-                body["timings"] = timings(&o);
+                body["timings"] = super::timings_json(&o);
                 return axum::Json(body).into_response();
             }
             Some(Event::Error { code, message }) => return fail(ApiError { code, message }),
@@ -342,7 +337,7 @@ fn sse_stream(meta: Meta, first: Event, rx: mpsc::Receiver<Event>, include_usage
                     let mut u = meta.chunk(json!(null));
                     u["choices"] = json!([]);
                     u["usage"] = usage(&o);
-                    u["timings"] = timings(&o);
+                    u["timings"] = super::timings_json(&o);
                     v.push(data(u));
                 }
                 v.push(Ok(Sse::default().data("[DONE]")));

@@ -261,17 +261,8 @@ impl Worker {
                 a.cancel.store(true, Ordering::SeqCst);
             }
             if a.cancel.load(Ordering::SeqCst) {
-                let mut a = self.active.remove(i).expect("index in range");
-                // Cancelled: the remaining steps only flush text, no model work.
-                let mut tail = String::new();
-                for s in a.gen.by_ref() {
-                    if let Ok(s) = s {
-                        tail.push_str(&s.text);
-                    }
-                }
-                if !tail.is_empty() {
-                    let _ = a.events.try_send(Event::Delta { text: tail, tokens: Vec::new() });
-                }
+                // Cancelled: finishing only flushes held-back text, no model work.
+                let a = self.active.remove(i).expect("index in range");
                 self.finish(a);
             } else {
                 i += 1;

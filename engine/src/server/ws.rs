@@ -331,11 +331,6 @@ fn done(o: &Outcome, id: Option<Value>, reason: &str) -> Value {
             "accepted_prediction_tokens": t.accepted,
             "rejected_prediction_tokens": t.rejected(),
         },
-        "timings": {
-            "ttft_ms": t.ttft_ms,
-            "prompt_ms": t.prompt_ms,
-            "decode_tok_s": t.decode_tok_s,
-            "forward_passes": t.forward_passes,
-        },
+        "timings": super::timings_json(o),
     })
 }
