@@ -86,7 +86,11 @@ impl Loaded {
                 Ok(Box::new(Runner::new(model, capacity)?))
             }
             BackendKind::Cuda => bail!("the cuda backend is not in this build yet; use --backend cpu"),
-            BackendKind::Wgpu => bail!("the wgpu backend is not in this build yet; use --backend cpu"),
+            BackendKind::Wgpu => {
+                let gpu = backend::wgpu::Wgpu::new(&backend::wgpu::WgpuOptions::default())?;
+                let model = Arc::new(Model::load(gpu, &self.gguf)?);
+                Ok(Box::new(Runner::new(model, capacity)?))
+            }
         }
     }
 

@@ -187,6 +187,7 @@ pub struct Session<B: Backend> {
     capacity: usize,
     batch: usize,
     x: B::Buf,      // (batch, n_embd) residual stream
+    xn: B::Buf,     // (batch, n_embd) normalised x, the input of the next matmuls
     xb: B::Buf,     // (batch, n_embd)
     q: B::Buf,      // (batch, q_dim)
     k: B::Buf,      // (batch, kv_dim)
@@ -209,6 +210,7 @@ impl<B: Backend> Session<B> {
             capacity: cap,
             batch: 0,
             x: b.alloc(0)?,
+            xn: b.alloc(0)?,
             xb: b.alloc(0)?,
             q: b.alloc(0)?,
             k: b.alloc(0)?,
@@ -234,6 +236,7 @@ impl<B: Backend> Session<B> {
         let (qd, kvd) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         for (buf, w) in [
             (&mut self.x, c.n_embd),
+            (&mut self.xn, c.n_embd),
             (&mut self.xb, c.n_embd.max(qd)),
             (&mut self.q, qd),
             (&mut self.k, kvd),
@@ -296,45 +299,46 @@ impl<B: Backend> Session<B> {
         let s = c.attn();
         let (d, kvd) = (c.n_embd, s.kv_dim());
         b.embed(&m.tok_embd, tokens, &mut self.x)?;
+        b.rmsnorm(&self.x, &m.layers[0].attn_norm, c.eps, n, d, &mut self.xn)?;
         for (li, l) in m.layers.iter().enumerate() {
-            // Attention block.
-            b.rmsnorm(&self.x, &l.attn_norm, c.eps, n, d, &mut self.xb)?;
-            b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xb, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
+            // Attention block; xn holds the normalised input.
+            b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xn, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
             b.rope(&mut self.q, n, c.n_head, c.head_dim, pos0, &m.rope)?;
             b.rope(&mut self.k, n, c.n_kv_head, c.head_dim, pos0, &m.rope)?;
             b.store_kv(&self.k, &mut self.k_cache[li], pos0, n, kvd)?;
             b.store_kv(&self.v, &mut self.v_cache[li], pos0, n, kvd)?;
             b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, n, pos0, s)?;
-            self.finish_layer(m, l, n)?;
+            self.finish_layer(m, li, n)?;
         }
         if !logits {
             return Ok(Vec::new());
         }
+        // xn holds the output norm of every row.
         let rows = if all { n } else { 1 };
         let out_w = m.output.as_ref().unwrap_or(&m.tok_embd);
         if all {
-            b.rmsnorm(&self.x, &m.output_norm, c.eps, n, d, &mut self.xb)?;
-            b.matmul(out_w, &self.xb, n, &mut self.logits)?;
+            b.matmul(out_w, &self.xn, n, &mut self.logits)?;
         } else {
-            // Only the last row's logits are wanted: normalise it alone, into x's row 0.
-            b.copy_rows(&self.x, n - 1, &mut self.xb, 0, 1, d)?;
-            b.rmsnorm(&self.xb, &m.output_norm, c.eps, 1, d, &mut self.x)?;
-            b.matmul(out_w, &self.x, 1, &mut self.logits)?;
+            // Only the last row's logits are wanted.
+            b.copy_rows(&self.xn, n - 1, &mut self.xb, 0, 1, d)?;
+            b.matmul(out_w, &self.xb, 1, &mut self.logits)?;
         }
         b.read(&self.logits, 0, rows * c.n_vocab)
     }
 
-    /// The rest of a layer once `att` holds the attention output of `n` rows: the output
-    /// projection and residual, then the feed-forward block and its residual.
-    fn finish_layer(&mut self, m: &Model<B>, l: &Layer<B>, n: usize) -> Result<()> {
+    /// The rest of layer `li` once `att` holds the attention output of `n` rows: the output
+    /// projection and residual, then the feed-forward block and its residual, each residual
+    /// add fused with the norm that follows it (the next layer's, or the output norm), into xn.
+    fn finish_layer(&mut self, m: &Model<B>, li: usize, n: usize) -> Result<()> {
         let (c, b, d) = (&m.cfg, &m.backend, m.cfg.n_embd);
+        let l = &m.layers[li];
         b.matmul(&l.wo, &self.att, n, &mut self.xb)?;
-        b.add(&mut self.x, &self.xb, n * d)?;
-        b.rmsnorm(&self.x, &l.ffn_norm, c.eps, n, d, &mut self.xb)?;
-        b.matmul_many(&[&l.w_gate, &l.w_up], &self.xb, n, &mut [&mut self.gate, &mut self.up])?;
+        b.add_rmsnorm(&mut self.x, &self.xb, &l.ffn_norm, c.eps, n, d, &mut self.xn)?;
+        b.matmul_many(&[&l.w_gate, &l.w_up], &self.xn, n, &mut [&mut self.gate, &mut self.up])?;
         b.swiglu(&mut self.gate, &self.up, n * c.n_ff)?;
         b.matmul(&l.w_down, &self.gate, n, &mut self.xb)?;
-        b.add(&mut self.x, &self.xb, n * d)
+        let next = m.layers.get(li + 1).map_or(&m.output_norm, |l| &l.attn_norm);
+        b.add_rmsnorm(&mut self.x, &self.xb, next, c.eps, n, d, &mut self.xn)
     }
 
     /// One decode step for several sessions on the same weights in one pass: row 0 is
@@ -359,9 +363,9 @@ impl<B: Backend> Session<B> {
             let s = c.attn();
             let (d, qd, kvd) = (c.n_embd, c.n_head * c.head_dim, s.kv_dim());
             b.embed(&m.tok_embd, tokens, &mut self.x)?;
+            b.rmsnorm(&self.x, &m.layers[0].attn_norm, c.eps, n, d, &mut self.xn)?;
             for (li, l) in m.layers.iter().enumerate() {
-                b.rmsnorm(&self.x, &l.attn_norm, c.eps, n, d, &mut self.xb)?;
-                b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xb, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
+                b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xn, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
                 // Row 0 in place, at its own position.
                 b.rope(&mut self.q, 1, c.n_head, c.head_dim, pos[0], &m.rope)?;
                 b.rope(&mut self.k, 1, c.n_kv_head, c.head_dim, pos[0], &m.rope)?;
@@ -381,10 +385,9 @@ impl<B: Backend> Session<B> {
                     b.attention(&o.q, &o.k_cache[li], &o.v_cache[li], &mut o.att, 1, p, s)?;
                     b.copy_rows(&o.att, 0, &mut self.att, r, 1, qd)?;
                 }
-                self.finish_layer(m, l, n)?;
+                self.finish_layer(m, li, n)?;
             }
-            b.rmsnorm(&self.x, &m.output_norm, c.eps, n, d, &mut self.xb)?;
-            b.matmul(m.output.as_ref().unwrap_or(&m.tok_embd), &self.xb, n, &mut self.logits)?;
+            b.matmul(m.output.as_ref().unwrap_or(&m.tok_embd), &self.xn, n, &mut self.logits)?;
             b.read(&self.logits, 0, n * c.n_vocab)
         })
     }

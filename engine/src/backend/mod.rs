@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod dot;
+pub mod wgpu;
 
 use crate::gguf::{Gguf, TensorInfo};
 use anyhow::Result;
@@ -54,6 +55,13 @@ pub trait Backend: Send + Sync + 'static {
     fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Buf) -> Result<()>;
     /// out(t, :) = x(t, :) / rms(x(t, :)) * w, for `n` rows of width `dim`.
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Weight, eps: f32, n: usize, dim: usize, out: &mut Self::Buf) -> Result<()>;
+    /// x += y, then out = rmsnorm(x): the residual add and the next norm, which a backend
+    /// may fuse into one pass over x.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm(&self, x: &mut Self::Buf, y: &Self::Buf, w: &Self::Weight, eps: f32, n: usize, dim: usize, out: &mut Self::Buf) -> Result<()> {
+        self.add(x, y, n * dim)?;
+        self.rmsnorm(x, w, eps, n, dim, out)
+    }
     /// out(t, :) = W x(t, :) for `n` rows; W: (rows, k) stored as `rows` rows of `k` values.
     fn matmul(&self, w: &Self::Weight, x: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
     /// Several matmuls of the same input (Q/K/V, gate/up), which a backend may fuse.
@@ -77,6 +85,27 @@ pub trait Backend: Send + Sync + 'static {
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
     /// Copy `len` values starting at `offset` to the host.
     fn read(&self, x: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>>;
+    /// The `k` largest values of each of `rows` rows of `width` (see [`top_k_host`]): what a
+    /// sampler needs of the logits, without copying them all to the host.
+    fn top_k(&self, x: &Self::Buf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let v = self.read(x, 0, rows * width)?;
+        Ok(v.chunks_exact(width).map(|r| top_k_host(r, k)).collect())
+    }
+}
+
+/// The `k` largest values of `row` as (index, value), largest first, the smaller index first
+/// among equal values; NaN counts as -inf. The order every backend's top-k follows.
+pub fn top_k_host(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let clean = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let mut all: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &v)| (i as u32, clean(v))).collect();
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.partial_cmp(&a.1).expect("no NaN left").then(a.0.cmp(&b.0));
+    let k = k.min(all.len());
+    if k > 0 && k < all.len() {
+        all.select_nth_unstable_by(k - 1, order);
+    }
+    all.truncate(k);
+    all.sort_unstable_by(order);
+    all
 }
 
 /// RoPE frequencies, precomputed once per model: `inv_freq[i] = base^(-2i/dims) / factor[i]`.
