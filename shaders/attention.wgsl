@@ -9,14 +9,13 @@
 //   group, so each K and V row is read once for all of them, and writes a partial softmax
 //   (max, sum, weighted values) that `combine` merges. Long contexts spread over many
 //   workgroups instead of a few long loops.
-// - `prefill` (many rows): one invocation per query row, 64 consecutive rows of one head per
-//   workgroup; K and V come through workgroup memory 16 positions at a time, shared by the
-//   64 rows; online softmax, one rescale per tile.
+// - `prefill` (many rows): one invocation per query row and key chunk, 64 consecutive rows
+//   of one head per workgroup, K and V shared through workgroup memory; the same partials.
 
 struct Params {
     n: u32, pos0: u32, n_head: u32, n_kv_head: u32,
     head_dim: u32, kv_dim: u32, chunk: u32, n_split: u32,
-    scale: f32, _a: u32, _b: u32, _c: u32,
+    scale: f32, t0: u32, _b: u32, _c: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(1) @binding(0) var<storage, read> Q: array<f32>;
@@ -114,10 +113,10 @@ fn decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: 
 @compute @workgroup_size(64)
 fn combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let h = wg.x;
-    let t = wg.y;
+    let t = p.t0 + wg.y;
     let hd = p.head_dim;
     let stride = hd + 2u;
-    let base = (t * p.n_head + h) * p.n_split * stride;
+    let base = (wg.y * p.n_head + h) * p.n_split * stride; // partials hold rows from t0
     var m = NEG;
     for (var s = 0u; s < p.n_split; s++) {
         if O[base + s * stride + 1u] > 0.0 {
@@ -146,13 +145,20 @@ const MAX_HD: u32 = 128u;
 var<workgroup> kt: array<u32, 1024>; // BK positions x head_dim / 2 words
 var<workgroup> vt: array<u32, 1024>;
 
+// Many query rows: one invocation per row, 64 consecutive rows of one head per workgroup,
+// over one chunk of keys (wg.x); K and V come through workgroup memory 16 positions at a time,
+// shared by the 64 rows; online softmax, one rescale per tile. Writes the same partials as
+// `decode`, which `combine` merges. Rows start at `t0` (the host may split a long batch).
+// Chunks bound each invocation's work: Mesa's llvmpipe stops any invocation after 65,535
+// loop iterations.
 @compute @workgroup_size(64)
 fn prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let split = wg.x;
     let h = wg.y;
     let hd = p.head_dim;
     let hw = hd / 2u;
     let g = h / (p.n_head / p.n_kv_head);
-    let t = wg.x * BQ + lid;
+    let t = p.t0 + wg.z * BQ + lid;
     let live = t < p.n;
     let pos = p.pos0 + t;
     var q: array<f32, MAX_HD>;
@@ -164,17 +170,19 @@ fn prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg:
     }
     var m = NEG;
     var l = 0.0;
-    let kv_end = p.pos0 + min(wg.x * BQ + BQ, p.n); // the tile's last row sees up to here
-    for (var j0 = 0u; j0 < kv_end; j0 += BK) {
+    // Keys of this chunk that the tile's last row sees.
+    let k0 = split * p.chunk;
+    let k1 = min(k0 + p.chunk, p.pos0 + min(p.t0 + wg.z * BQ + BQ, p.n));
+    for (var j0 = k0; j0 < k1; j0 += BK) {
         for (var i = lid; i < BK * hw; i += 64u) {
             let j = j0 + i / hw;
             let a = (j * p.kv_dim + g * hd) / 2u + i % hw;
-            kt[i] = select(0u, kw(a), j < kv_end);
-            vt[i] = select(0u, vw(a), j < kv_end);
+            kt[i] = select(0u, kw(a), j < k1);
+            vt[i] = select(0u, vw(a), j < k1);
         }
         workgroupBarrier();
         if live && j0 <= pos {
-            let nj = min(BK, pos + 1u - j0);
+            let nj = min(min(BK, pos + 1u - j0), k1 - j0);
             var s: array<f32, BK>;
             var mt = m;
             for (var jj = 0u; jj < nj; jj++) {
@@ -205,8 +213,11 @@ fn prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg:
         workgroupBarrier();
     }
     if live {
+        let at = (((t - p.t0) * p.n_head + h) * p.n_split + split) * (hd + 2u);
+        O[at] = m;
+        O[at + 1u] = l;
         for (var d = 0u; d < hd; d++) {
-            O[(t * p.n_head + h) * hd + d] = acc[d] / l;
+            O[at + 2u + d] = acc[d];
         }
     }
 }

@@ -47,13 +47,13 @@ fn part(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
     let lo = c * p.chunk;
     let hi = min(lo + p.chunk, p.width);
     var pv = 0.0;
-    var pi = NONE; // previous pick; NONE: none yet
+    var pi = NONE; // the previous pick (NONE once the chunk is exhausted)
     for (var r = 0u; r < p.k; r++) {
         var v = 0.0;
         var id = NONE;
         for (var i = lo + lid; i < hi; i += 256u) {
             let x = clean(L[row * p.width + i]);
-            let below = pi == NONE || better(pv, pi, x, i);
+            let below = r == 0u || better(pv, pi, x, i);
             if below && better(x, i, v, id) {
                 v = x;
                 id = i;
@@ -83,7 +83,7 @@ fn merge(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: v
         for (var i = lid; i < n; i += 256u) {
             let c = CAND[row * n + i];
             let x = bitcast<f32>(c.y);
-            if c.x != NONE && (pi == NONE || better(pv, pi, x, c.x)) && better(x, c.x, v, id) {
+            if c.x != NONE && (r == 0u || better(pv, pi, x, c.x)) && better(x, c.x, v, id) {
                 v = x;
                 id = c.x;
             }
@@ -97,8 +97,5 @@ fn merge(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: v
             OUT[row * p.k + r] = vec2<u32>(pi, bitcast<u32>(pv));
         }
         workgroupBarrier();
-        if pi == NONE {
-            break;
-        }
     }
 }

@@ -341,6 +341,13 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn write(&self, buf: &mut Vec<f32>, offset: usize, data: &[f32]) -> Result<()> {
+        match buf.get_mut(offset..offset + data.len()) {
+            Some(dst) => Ok(dst.copy_from_slice(data)),
+            None => bail!("write: {offset}+{} of {} values", data.len(), buf.len()),
+        }
+    }
+
     fn read(&self, x: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
         Ok(x[offset..offset + len].to_vec())
     }

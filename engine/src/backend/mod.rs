@@ -83,6 +83,8 @@ pub trait Backend: Send + Sync + 'static {
     fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
     /// x += y over `len` values.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+    /// Write `data` into `buf` from value `offset` (after everything recorded before).
+    fn write(&self, buf: &mut Self::Buf, offset: usize, data: &[f32]) -> Result<()>;
     /// Copy `len` values starting at `offset` to the host.
     fn read(&self, x: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>>;
     /// The `k` largest values of each of `rows` rows of `width` (see [`top_k_host`]): what a

@@ -21,7 +21,7 @@ use crate::gguf::{Gguf, TensorInfo};
 use crate::quant::{GgmlType, QK};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 /// What to ask of the adapter.
@@ -411,12 +411,17 @@ pub struct Wgpu {
     pipes: Mutex<HashMap<(K, u32), Arc<Pipe>>>,
     rec: Mutex<Recorder>,
     scratch: Mutex<Scratch>,
+    part_cap: AtomicUsize,
     error: Arc<Mutex<Option<String>>>,
 }
 
 const PARAM_BYTES: usize = 64;
 const SLOTS: usize = 4096;
 const ARENA_WORDS: usize = 1 << 16;
+/// Keys per prefill attention split (see `prefill` in shaders/attention.wgsl).
+const PREFILL_CHUNK: usize = 256;
+/// Bytes of attention partials one dispatch may write (by default).
+const PART_CAP: usize = 64 << 20;
 
 impl Wgpu {
     pub fn new(opts: &WgpuOptions) -> Result<Self> {
@@ -514,6 +519,7 @@ impl Wgpu {
             pipes: Mutex::new(HashMap::new()),
             rec: Mutex::new(rec),
             scratch: Mutex::new(Scratch::default()),
+            part_cap: AtomicUsize::new(PART_CAP),
             error,
         };
         // Compile the pipelines every model needs now, not in the first decode step.
@@ -521,6 +527,12 @@ impl Wgpu {
             w.pipe(k, 0)?;
         }
         Ok(w)
+    }
+
+    /// Bound the attention partials of one dispatch to `bytes` (`usize::MAX`: the default);
+    /// the tests use it to cut prefill batches into blocks of rows.
+    pub fn set_partials_cap(&self, bytes: usize) {
+        self.part_cap.store(if bytes == usize::MAX { PART_CAP } else { bytes }, Ordering::Relaxed);
     }
 
     pub fn adapter(&self) -> &AdapterSummary {
@@ -702,7 +714,8 @@ impl Wgpu {
             rec.encoder.as_mut().expect("created above").copy_buffer_to_buffer(&src.buf, offset, &staging, 0, bytes);
         }
         self.submit(&mut rec)?;
-        drop(rec);
+        // The recorder stays locked until the staging buffer is unmapped: no other thread may
+        // submit a copy into it while it is mapped.
         if bytes == 0 {
             return Ok(Vec::new());
         }
@@ -720,6 +733,7 @@ impl Wgpu {
             bytemuck::cast_slice::<u8, u32>(&view).to_vec()
         };
         staging.unmap();
+        drop(rec);
         self.check_error()?;
         Ok(out)
     }
@@ -932,21 +946,30 @@ impl Backend for Wgpu {
             bail!("attention: buffers too small for {n} rows at {pos0}");
         }
         let scale = (1.0 / (hd as f32).sqrt()).to_bits();
-        let base = [n as u32, pos0 as u32, s.n_head as u32, s.n_kv_head as u32, hd as u32, s.kv_dim() as u32];
-        if n > 16 {
-            let p = [base[0], base[1], base[2], base[3], base[4], base[5], 0, 0, scale];
-            let groups = [n.div_ceil(64) as u32, s.n_head as u32, 1];
-            return self.dispatch(K::AttnPrefill, 0, &p, &[&q.g, &k.g, &v.g, &out.g], groups, None);
-        }
-        let chunk = Self::attn_chunk(len, group);
+        let (decode, chunk) = if n <= 16 { (true, Self::attn_chunk(len, group)) } else { (false, PREFILL_CHUNK) };
         let n_split = len.div_ceil(chunk);
-        let need = n * s.n_head * n_split * (hd + 2);
-        self.scratch(|s| &mut s.part, need, "attention partials")?;
+        // Partials (max, sum, head_dim values) per (row, head, split); long batches at long
+        // contexts go in blocks of rows that bound them.
+        let per_row = s.n_head * n_split * (hd + 2);
+        let block = (self.part_cap.load(Ordering::Relaxed) / 4 / per_row).clamp(1, n);
+        let block = if decode { n } else { block.div_ceil(64) * 64 };
+        self.scratch(|s| &mut s.part, block.min(n) * per_row, "attention partials")?;
         let sc = self.scratch.lock().unwrap();
         let part = &sc.part.as_ref().expect("made above").g;
-        let p = [base[0], base[1], base[2], base[3], base[4], base[5], chunk as u32, n_split as u32, scale];
-        self.dispatch(K::AttnDecode, 0, &p, &[&q.g, &k.g, &v.g, part], [n_split as u32, s.n_kv_head as u32, n as u32], None)?;
-        self.dispatch(K::AttnCombine, 0, &p, &[part, &out.g], [s.n_head as u32, n as u32, 1], None)
+        for t0 in (0..n).step_by(block) {
+            let rows = block.min(n - t0);
+            // Partials are indexed from row t0 of the whole batch: shift by t0 rows.
+            let p = [n as u32, pos0 as u32, s.n_head as u32, s.n_kv_head as u32, hd as u32, s.kv_dim() as u32, chunk as u32, n_split as u32, scale, t0 as u32];
+            if decode {
+                let groups = [n_split as u32, s.n_kv_head as u32, n as u32];
+                self.dispatch(K::AttnDecode, 0, &p, &[&q.g, &k.g, &v.g, part], groups, None)?;
+            } else {
+                let groups = [n_split as u32, s.n_head as u32, rows.div_ceil(64) as u32];
+                self.dispatch(K::AttnPrefill, 0, &p, &[&q.g, &k.g, &v.g, part], groups, None)?;
+            }
+            self.dispatch(K::AttnCombine, 0, &p, &[part, &out.g], [s.n_head as u32, rows as u32, 1], None)?;
+        }
+        Ok(())
     }
 
     fn swiglu(&self, gate: &mut WgpuBuf, up: &WgpuBuf, len: usize) -> Result<()> {
@@ -961,6 +984,16 @@ impl Backend for Wgpu {
             bail!("add: {len} values");
         }
         self.dispatch(K::Add, 0, &[len as u32], &[&x.g, &y.g], Self::grid(len), None)
+    }
+
+    fn write(&self, buf: &mut WgpuBuf, offset: usize, data: &[f32]) -> Result<()> {
+        if offset + data.len() > buf.len {
+            bail!("write: {offset}+{} of {} values", data.len(), buf.len);
+        }
+        // Queue writes land before the next submission: submit what is recorded first.
+        self.submit(&mut self.rec.lock().unwrap())?;
+        self.queue.write_buffer(&buf.g.buf, offset as u64 * 4, bytemuck::cast_slice(data));
+        Ok(())
     }
 
     fn read(&self, x: &WgpuBuf, offset: usize, len: usize) -> Result<Vec<f32>> {
