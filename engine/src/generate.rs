@@ -173,6 +173,13 @@ impl Engine {
     }
 }
 
+/// The logits of a model step's rows: every value, or each row's largest (see
+/// [`Sampler::candidates`]).
+enum Rows {
+    Dense(Vec<f32>),
+    Top(Vec<Vec<(u32, f32)>>),
+}
+
 /// A generation in progress. `E` is `&mut Engine` when the caller keeps the engine, or an
 /// owned `Engine` when generations outlive a borrow (the server's scheduler interleaves
 /// many); [`Generation::into_engine`] gives it back.
@@ -310,7 +317,7 @@ impl<E: BorrowMut<Engine>> Generation<E> {
             self.timings.cached_tokens = self.context.len() - 1;
         }
         self.timings.forward_passes += 1;
-        if let Err(e) = self.decide(Default::default(), logits) {
+        if let Err(e) = self.decide(Default::default(), Rows::Dense(logits)) {
             self.finish = Some(FinishReason::Cancelled);
             self.flushed = true;
             return Some(Err(e));
@@ -324,8 +331,10 @@ impl<E: BorrowMut<Engine>> Generation<E> {
     }
 
     /// Run the model over whatever the KV cache lacks, plus `draft`. Returns the logits of
-    /// the last context token followed by one row per draft token.
-    fn run_model(&mut self, draft: &[u32]) -> Result<Vec<f32>> {
+    /// the last context token followed by one row per draft token: only each row's largest
+    /// where the sampler needs no more ([`Sampler::candidates`]), which spares a GPU backend
+    /// reading back the whole vocabulary.
+    fn run_model(&mut self, draft: &[u32]) -> Result<Rows> {
         let e: &mut Engine = self.engine.borrow_mut();
         let common = e.cached.iter().zip(&self.context).take_while(|(a, b)| a == b).count();
         // At least one token must run to produce logits.
@@ -336,7 +345,11 @@ impl<E: BorrowMut<Engine>> Generation<E> {
         let mut run = self.context[reuse..].to_vec();
         run.extend_from_slice(draft);
         let t0 = Instant::now();
-        let logits = e.fwd.forward(&run, reuse, !draft.is_empty());
+        let all = !draft.is_empty();
+        let logits = match self.sampler.candidates() {
+            Some(k) => e.fwd.forward_top(&run, reuse, all, k).map(Rows::Top),
+            None => e.fwd.forward(&run, reuse, all).map(Rows::Dense),
+        };
         e.cached.truncate(reuse);
         let mut logits = match logits {
             Ok(l) => l,
@@ -353,8 +366,11 @@ impl<E: BorrowMut<Engine>> Generation<E> {
         self.timings.forward_passes += 1;
         if !draft.is_empty() {
             // Keep the rows from the last context token on.
-            let v = e.fwd.config().n_vocab;
-            logits.drain(..(self.context.len() - 1 - reuse) * v);
+            let skip = self.context.len() - 1 - reuse;
+            match &mut logits {
+                Rows::Dense(l) => drop(l.drain(..skip * e.fwd.config().n_vocab)),
+                Rows::Top(t) => drop(t.drain(..skip)),
+            }
         }
         Ok(logits)
     }
@@ -377,8 +393,12 @@ impl<E: BorrowMut<Engine>> Generation<E> {
     }
 
     /// Sample (or verify `draft` and sample) from the logits of a model step.
-    fn decide(&mut self, draft: crate::speculative::Draft, mut logits: Vec<f32>) -> Result<()> {
+    fn decide(&mut self, draft: crate::speculative::Draft, mut logits: Rows) -> Result<()> {
         let v = self.n_vocab;
+        let n_rows = match &logits {
+            Rows::Dense(l) => l.len() / v,
+            Rows::Top(t) => t.len(),
+        };
         // Row i's history (for the repetition penalty) is the context plus draft[..i]; only
         // a repetition penalty needs it built.
         let mut history = if self.sampler.cfg.repeat_penalty != 1.0 && !draft.tokens.is_empty() {
@@ -387,9 +407,12 @@ impl<E: BorrowMut<Engine>> Generation<E> {
             Vec::new()
         };
         let mut accepted = 0;
-        for (i, row) in logits.chunks_exact_mut(v).enumerate() {
+        for i in 0..n_rows {
             let hist = if history.is_empty() { &self.context[..] } else { &history[..] };
-            let dist = self.sampler.distribution(row, hist).to_vec();
+            let dist = match &mut logits {
+                Rows::Dense(l) => self.sampler.distribution(&mut l[i * v..(i + 1) * v], hist).to_vec(),
+                Rows::Top(t) => self.sampler.distribution_top(&t[i]).to_vec(),
+            };
             let Some(&d) = draft.tokens.get(i) else {
                 let t = self.sampler.draw();
                 self.queue.push_back(t);

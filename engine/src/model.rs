@@ -273,26 +273,46 @@ impl<B: Backend> Session<B> {
     /// Run `tokens` at positions `pos0..`, filling the KV cache. Returns the logits of the
     /// last token, or of every token when `all` (speculative verification).
     pub fn forward(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool) -> Result<Vec<f32>> {
-        m.backend.run(|| self.forward_chunks(m, tokens, pos0, all))
+        match m.backend.run(|| self.forward_chunks(m, tokens, pos0, all, None))? {
+            Output::Logits(l) => Ok(l),
+            Output::Top(_) => unreachable!("asked for logits"),
+        }
     }
 
-    fn forward_chunks(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool) -> Result<Vec<f32>> {
+    /// As [`Session::forward`], but only each row's `k` largest logits come back (see
+    /// [`Backend::top_k`]): all a sampler with top-k (or greedy) needs, and on a GPU the only
+    /// readback of a step.
+    pub fn forward_top(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        match m.backend.run(|| self.forward_chunks(m, tokens, pos0, all, Some(k)))? {
+            Output::Top(t) => Ok(t),
+            Output::Logits(_) => unreachable!("asked for the top k"),
+        }
+    }
+
+    fn forward_chunks(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool, top: Option<usize>) -> Result<Output> {
         if tokens.is_empty() {
             bail!("forward needs at least one token");
         }
         self.reserve(m, pos0 + tokens.len())?;
-        let mut out = Vec::new();
+        let mut out = match top {
+            None => Output::Logits(Vec::new()),
+            Some(_) => Output::Top(Vec::new()),
+        };
         let mut pos = pos0;
         for chunk in tokens.chunks(MAX_BATCH) {
             let last = pos + chunk.len() == pos0 + tokens.len();
-            let l = self.forward_batch(m, chunk, pos, all, all || last)?;
-            out.extend(l);
+            let l = self.forward_batch(m, chunk, pos, all, all || last, top)?;
+            match (&mut out, l) {
+                (Output::Logits(o), Some(Output::Logits(l))) => o.extend(l),
+                (Output::Top(o), Some(Output::Top(l))) => o.extend(l),
+                _ => {}
+            }
             pos += chunk.len();
         }
         Ok(out)
     }
 
-    fn forward_batch(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool, logits: bool) -> Result<Vec<f32>> {
+    fn forward_batch(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool, logits: bool, top: Option<usize>) -> Result<Option<Output>> {
         let n = tokens.len();
         self.ensure_batch(m, n)?;
         let (c, b) = (&m.cfg, &m.backend);
@@ -311,7 +331,7 @@ impl<B: Backend> Session<B> {
             self.finish_layer(m, li, n)?;
         }
         if !logits {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         // xn holds the output norm of every row.
         let rows = if all { n } else { 1 };
@@ -323,7 +343,10 @@ impl<B: Backend> Session<B> {
             b.copy_rows(&self.xn, n - 1, &mut self.xb, 0, 1, d)?;
             b.matmul(out_w, &self.xb, 1, &mut self.logits)?;
         }
-        b.read(&self.logits, 0, rows * c.n_vocab)
+        Ok(Some(match top {
+            None => Output::Logits(b.read(&self.logits, 0, rows * c.n_vocab)?),
+            Some(k) => Output::Top(b.top_k(&self.logits, rows, c.n_vocab, k)?),
+        }))
     }
 
     /// The rest of layer `li` once `att` holds the attention output of `n` rows: the output
@@ -393,12 +416,20 @@ impl<B: Backend> Session<B> {
     }
 }
 
+/// What a forward pass hands back: every logit, or each row's top k.
+enum Output {
+    Logits(Vec<f32>),
+    Top(Vec<Vec<(u32, f32)>>),
+}
+
 /// An object-safe handle on a model and one session, so callers choose a backend at run time.
 pub trait Forward: Send {
     fn config(&self) -> &Config;
     fn backend_name(&self) -> String;
     /// See [`Session::forward`].
     fn forward(&mut self, tokens: &[u32], pos0: usize, all: bool) -> Result<Vec<f32>>;
+    /// See [`Session::forward_top`]: each row's `k` largest (token, logit) pairs.
+    fn forward_top(&mut self, tokens: &[u32], pos0: usize, all: bool, k: usize) -> Result<Vec<Vec<(u32, f32)>>>;
     /// Make room for `n` positions in the KV cache (errors beyond the model's context).
     fn reserve(&mut self, n: usize) -> Result<()>;
     /// A new session on the same weights, its KV cache sized for `capacity` positions.
@@ -431,6 +462,9 @@ impl<B: Backend + 'static> Forward for Runner<B> {
     }
     fn forward(&mut self, tokens: &[u32], pos0: usize, all: bool) -> Result<Vec<f32>> {
         self.session.forward(&self.model, tokens, pos0, all)
+    }
+    fn forward_top(&mut self, tokens: &[u32], pos0: usize, all: bool, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.session.forward_top(&self.model, tokens, pos0, all, k)
     }
     fn reserve(&mut self, n: usize) -> Result<()> {
         self.session.reserve(&self.model, n)

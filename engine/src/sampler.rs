@@ -58,11 +58,12 @@ pub struct Sampler {
     cand: Vec<(u32, f32)>,
 }
 
-/// Index of the largest value (the first one on ties); `None` for an empty slice.
+/// Index of the largest value (the first one on ties, NaN skipped); `None` for an empty
+/// slice, or one of NaN alone.
 pub fn argmax(x: &[f32]) -> Option<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &v) in x.iter().enumerate() {
-        if best.map_or(true, |(_, b)| v > b) {
+        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
             best = Some((i, v));
         }
     }
@@ -109,12 +110,50 @@ impl Sampler {
             cand.push((0, 1.0));
             return cand;
         }
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Larger first, the smaller id among equals (-0 equals 0, as on a GPU); NaN is gone.
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.partial_cmp(&a.1).expect("no NaN").then(a.0.cmp(&b.0));
         if c.top_k > 0 && c.top_k < cand.len() {
             cand.select_nth_unstable_by(c.top_k - 1, by_logit);
             cand.truncate(c.top_k);
         }
         cand.sort_unstable_by(by_logit);
+        Self::shape(c, cand)
+    }
+
+    /// How many of each row's largest logits [`Sampler::distribution_top`] needs: 1 for
+    /// greedy, `top_k` with top-k on (up to 256). None: it needs every logit (a repetition
+    /// penalty reorders them; sampling without top-k sees the whole vocabulary).
+    pub fn candidates(&self) -> Option<usize> {
+        let c = &self.cfg;
+        if c.repeat_penalty != 1.0 {
+            return None;
+        }
+        if c.temperature <= 0.0 {
+            return Some(1);
+        }
+        (1..=256).contains(&c.top_k).then_some(c.top_k)
+    }
+
+    /// [`Sampler::distribution`] from a row's largest logits alone, largest first, the smaller
+    /// token first among equals (as [`crate::backend::top_k_host`] and the GPU backends give
+    /// them), at least [`Sampler::candidates`] of them: the same distribution, bit for bit.
+    pub fn distribution_top(&mut self, top: &[(u32, f32)]) -> &[(u32, f32)] {
+        let c = &self.cfg;
+        self.cand.clear();
+        let Some(&first) = top.first() else {
+            self.cand.push((0, 1.0));
+            return &self.cand;
+        };
+        if c.temperature <= 0.0 {
+            self.cand.push((first.0, 1.0));
+            return &self.cand;
+        }
+        self.cand.extend(top.iter().take(c.top_k.max(1)).copied());
+        Self::shape(c, &mut self.cand)
+    }
+
+    /// Temperature softmax, top-p and min-p over the candidates, sorted largest first.
+    fn shape<'a>(c: &SamplerConfig, cand: &'a mut Vec<(u32, f32)>) -> &'a [(u32, f32)] {
         // Softmax of logits / temperature, largest first.
         let max = cand[0].1;
         let mut sum = 0f32;
