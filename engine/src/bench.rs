@@ -2,6 +2,8 @@
 //!
 //! - `pp N`: one forward pass over N prompt tokens from an empty cache.
 //! - `tg N @ dD`: D tokens prefilled (untimed), then N single-token decode steps.
+//! - `ttft pN`: a fresh N-token prompt to its first token (prefill and the sampled token).
+//! Every pass reads back what greedy decoding does: the sampled token, not the logits.
 //! Each test runs `reps` times after one warm-up; the median is reported with min and max.
 //! Decode bandwidth counts every weight byte once per token (tied embeddings are read
 //! whole for the logits).
@@ -20,10 +22,14 @@ pub struct BenchResult {
     pub tok_s_max: f64,
     /// Weight bytes read per second while decoding (decode tests only).
     pub weight_gb_s: Option<f64>,
+    /// Time to the first token (ttft test only).
+    pub ttft_ms: Option<f64>,
 }
 
 pub struct BenchSpec {
     pub prompt: Vec<usize>,
+    /// Prompt length of the time-to-first-token test (0: none).
+    pub ttft: usize,
     pub gen: usize,
     pub depths: Vec<usize>,
     pub reps: usize,
@@ -45,6 +51,7 @@ fn summarize(test: String, n: usize, depth: usize, mut rates: Vec<f64>, weight_b
         tok_s_min: rates[0],
         tok_s_max: *rates.last().expect("reps >= 1"),
         weight_gb_s: weight_bytes.map(|b| b as f64 * med / 1e9),
+        ttft_ms: None,
     }
 }
 
@@ -57,12 +64,29 @@ pub fn run(fwd: &mut dyn Forward, spec: &BenchSpec, weight_bytes: u64, mut repor
         let mut rates = Vec::new();
         for r in 0..=reps {
             let t = Instant::now();
-            fwd.forward(&toks, 0, false)?;
+            fwd.forward_top(&toks, 0, false, 1)?;
             if r > 0 {
                 rates.push(p as f64 / t.elapsed().as_secs_f64());
             }
         }
         let res = summarize(format!("pp{p}"), p, 0, rates, None);
+        report(&res);
+        out.push(res);
+    }
+    if spec.ttft > 0 {
+        // Reported as tokens/s of the prompt like the rest; `ttft_ms` holds the time.
+        let toks = tokens(spec.ttft, vocab, 4);
+        let mut rates = Vec::new();
+        for r in 0..=reps {
+            let t = Instant::now();
+            fwd.forward_top(&toks, 0, false, 1)?;
+            if r > 0 {
+                rates.push(1.0 / t.elapsed().as_secs_f64());
+            }
+        }
+        let mut res = summarize(format!("ttft p{}", spec.ttft), spec.ttft, 0, rates, None);
+        res.ttft_ms = Some(1e3 / res.tok_s_median);
+        (res.tok_s_median, res.tok_s_min, res.tok_s_max) = (res.tok_s_median * spec.ttft as f64, res.tok_s_min * spec.ttft as f64, res.tok_s_max * spec.ttft as f64);
         report(&res);
         out.push(res);
     }
@@ -77,7 +101,7 @@ pub fn run(fwd: &mut dyn Forward, spec: &BenchSpec, weight_bytes: u64, mut repor
             let toks = tokens(n, vocab, 3 + r);
             let t = Instant::now();
             for (i, &tok) in toks.iter().enumerate() {
-                fwd.forward(&[tok], d + i, false)?;
+                fwd.forward_top(&[tok], d + i, false, 1)?;
             }
             if r > 0 {
                 rates.push(n as f64 / t.elapsed().as_secs_f64());
@@ -89,4 +113,22 @@ pub fn run(fwd: &mut dyn Forward, spec: &BenchSpec, weight_bytes: u64, mut repor
         out.push(res);
     }
     Ok(out)
+}
+
+/// Per-kernel times of `n` greedy decode steps at depth `depth` (the backend waits for each
+/// kernel, so short kernels count their launch and synchronisation too): (kernel, calls per
+/// token, microseconds per call, share of the total). Empty where the backend keeps none.
+pub fn profile(fwd: &mut dyn Forward, n: usize, depth: usize) -> Result<Vec<(crate::backend::KernelTime, f64)>> {
+    let vocab = fwd.config().n_vocab;
+    fwd.reserve(depth + n + 1)?;
+    if depth > 0 {
+        fwd.forward_top(&tokens(depth, vocab, 2), 0, false, 1)?;
+    }
+    fwd.profile(true);
+    for (i, &t) in tokens(n, vocab, 5).iter().enumerate() {
+        fwd.forward_top(&[t], depth + i, false, 1)?;
+    }
+    let times = fwd.profile(false);
+    let total: f64 = times.iter().map(|k| k.ms).sum();
+    Ok(times.into_iter().map(|k| { let share = k.ms / total; (k, share) }).collect())
 }

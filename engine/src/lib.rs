@@ -79,6 +79,12 @@ impl Loaded {
 
     /// Weights on `kind`'s device and a session whose KV cache starts at `capacity` positions.
     pub fn runner(&self, kind: BackendKind, capacity: usize) -> Result<Box<dyn Forward>> {
+        self.runner_on(kind, capacity, None)
+    }
+
+    /// As [`Loaded::runner`], on the wgpu adapter `adapter` names (see
+    /// [`backend::wgpu::WgpuOptions::adapter`]) where the backend is wgpu.
+    pub fn runner_on(&self, kind: BackendKind, capacity: usize, adapter: Option<&str>) -> Result<Box<dyn Forward>> {
         match kind {
             BackendKind::Cpu | BackendKind::CpuRef => {
                 let mode = if kind == BackendKind::Cpu { CpuMode::Fast } else { CpuMode::Exact };
@@ -87,7 +93,8 @@ impl Loaded {
             }
             BackendKind::Cuda => bail!("the cuda backend is not in this build yet; use --backend cpu"),
             BackendKind::Wgpu => {
-                let gpu = backend::wgpu::Wgpu::new(&backend::wgpu::WgpuOptions::default())?;
+                let opts = backend::wgpu::WgpuOptions { adapter: adapter.map(str::to_string), ..Default::default() };
+                let gpu = backend::wgpu::Wgpu::new(&opts)?;
                 let model = Arc::new(Model::load(gpu, &self.gguf)?);
                 Ok(Box::new(Runner::new(model, capacity)?))
             }
@@ -95,6 +102,10 @@ impl Loaded {
     }
 
     pub fn engine(&self, kind: BackendKind, capacity: usize) -> Result<generate::Engine> {
-        Ok(generate::Engine::new(self.runner(kind, capacity)?, self.tokenizer.clone()))
+        self.engine_on(kind, capacity, None)
+    }
+
+    pub fn engine_on(&self, kind: BackendKind, capacity: usize, adapter: Option<&str>) -> Result<generate::Engine> {
+        Ok(generate::Engine::new(self.runner_on(kind, capacity, adapter)?, self.tokenizer.clone()))
     }
 }

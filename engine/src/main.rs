@@ -106,6 +106,20 @@ enum Cmd {
         depth: Vec<usize>,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Prompt length of the time-to-first-token test (0: none).
+        #[arg(long, default_value_t = 16)]
+        ttft: usize,
+        /// Time every kernel over this many decode steps at the first depth (0: no breakdown).
+        #[arg(long, default_value_t = 0)]
+        profile: usize,
+        /// The device's memory bandwidth in GB/s, to report decode's fraction of it.
+        #[arg(long)]
+        peak_gb_s: Option<f64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the wgpu adapters (GPUs, or a software rasterizer) --backend wgpu can use.
+    Adapters {
         #[arg(long)]
         json: bool,
     },
@@ -119,6 +133,10 @@ struct ModelArgs {
     /// cpu (fast), cpu-ref (exact f32 reference), cuda, wgpu.
     #[arg(long, default_value = "cpu")]
     backend: BackendKind,
+    /// wgpu adapter: an index or part of a name from `flint adapters` (default:
+    /// $FLINT_WGPU_ADAPTER, else the best GPU).
+    #[arg(long)]
+    adapter: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -394,35 +412,87 @@ fn run(cmd: Cmd) -> Result<()> {
             eprintln!("flint synth: wrote {} ({preset}, {}) in {:.1} s", path.display(), spec.weight_type, t.elapsed().as_secs_f64());
             out(&format!("{}\n", path.display()));
         }
-        Cmd::Bench { model, prompt, gen, depth, reps, json } => {
+        Cmd::Bench { model, prompt, gen, depth, reps, ttft, profile, peak_gb_s, json } => {
+            let start = std::time::Instant::now();
             let path = model_path(&model.model)?;
             let l = Loaded::open(&path)?;
             let weight_bytes: u64 = l.gguf.tensors.iter().map(|t| t.n_bytes).sum();
-            let cap = depth.iter().max().copied().unwrap_or(0) + gen + 1;
-            let cap = cap.max(prompt.iter().max().copied().unwrap_or(0));
-            let mut fwd = l.runner(model.backend, cap)?;
+            let cap = depth.iter().max().copied().unwrap_or(0) + gen.max(profile) + 1;
+            let cap = cap.max(prompt.iter().max().copied().unwrap_or(0)).max(ttft);
+            let mut fwd = runner(&l, &model, cap)?;
+            let load_ms = start.elapsed().as_secs_f64() * 1e3;
+            // Cold start: the process's first prompt to its first token, loading included.
+            let cold = if ttft > 0 {
+                let toks: Vec<u32> = (0..ttft as u32).map(|i| 300 + i * 37 % 1000).collect();
+                fwd.forward_top(&toks, 0, false, 1)?;
+                Some(start.elapsed().as_secs_f64() * 1e3)
+            } else {
+                None
+            };
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if !json {
                 eprintln!("model {name}: {} layers, {} MB of weights; backend {}", l.config.n_layer, weight_bytes / 1_000_000, fwd.backend_name());
-                out(&format!("| {:<16} | {:>12} | {:>19} | {:>10} |\n", "test", "tok/s", "min .. max", "weight GB/s"));
+                if let Some(c) = cold {
+                    eprintln!("start to first token ({ttft}-token prompt): {c:.0} ms (loading {load_ms:.0} ms)");
+                }
+                out(&format!("| {:<16} | {:>12} | {:>19} | {:>10} |{}\n", "test", "tok/s", "min .. max", "weight GB/s", if peak_gb_s.is_some() { " of peak |" } else { "" }));
             }
-            let spec = flint::bench::BenchSpec { prompt: prompt.into_iter().filter(|&p| p > 0).collect(), gen, depths: depth, reps };
+            let spec = flint::bench::BenchSpec { prompt: prompt.into_iter().filter(|&p| p > 0).collect(), ttft, gen, depths: depth.clone(), reps };
             let results = flint::bench::run(fwd.as_mut(), &spec, weight_bytes, |r| {
                 if !json {
                     let bw = r.weight_gb_s.map(|g| format!("{g:.2}")).unwrap_or_default();
-                    out(&format!("| {:<16} | {:>12.1} | {:>8.1} .. {:>8.1} | {:>10} |\n", r.test, r.tok_s_median, r.tok_s_min, r.tok_s_max, bw));
+                    let frac = match (r.weight_gb_s, peak_gb_s) {
+                        (Some(g), Some(p)) => format!(" {:>7.1}% |", 100.0 * g / p),
+                        (None, Some(_)) => format!(" {:>8} |", ""),
+                        _ => String::new(),
+                    };
+                    let t = r.ttft_ms.map(|m| format!("  ({m:.1} ms)")).unwrap_or_default();
+                    out(&format!("| {:<16} | {:>12.1} | {:>8.1} .. {:>8.1} | {:>10} |{frac}{t}\n", r.test, r.tok_s_median, r.tok_s_min, r.tok_s_max, bw));
                 }
             })?;
+            let kernels = if profile > 0 { flint::bench::profile(fwd.as_mut(), profile, depth.first().copied().unwrap_or(0))? } else { Vec::new() };
+            if !json && profile > 0 {
+                if kernels.is_empty() {
+                    eprintln!("no per-kernel breakdown: the {} backend keeps no kernel times", fwd.backend_name());
+                } else {
+                    out(&format!("\n| {:<28} | {:>10} | {:>10} | {:>6} |\n", "kernel (each waited for)", "calls/tok", "us/call", "share"));
+                    for (k, share) in &kernels {
+                        out(&format!("| {:<28} | {:>10.1} | {:>10.1} | {:>5.1}% |\n", k.kernel, k.calls as f64 / profile as f64, k.ms * 1e3 / k.calls as f64, share * 100.0));
+                    }
+                }
+            }
             if json {
                 let v = serde_json::json!({
                     "model": name, "backend": fwd.backend_name(), "weight_bytes": weight_bytes,
-                    "threads": rayon::current_num_threads(), "results": results,
+                    "threads": rayon::current_num_threads(), "load_ms": load_ms, "start_to_first_token_ms": cold,
+                    "peak_gb_s": peak_gb_s, "results": results,
+                    "kernels": kernels.iter().map(|(k, share)| serde_json::json!({
+                        "kernel": k.kernel, "calls_per_token": k.calls as f64 / profile as f64,
+                        "us_per_call": k.ms * 1e3 / k.calls as f64, "share": share,
+                    })).collect::<Vec<_>>(),
                 });
                 out(&format!("{}\n", serde_json::to_string_pretty(&v)?));
             }
         }
+        Cmd::Adapters { json } => {
+            let list = flint::backend::wgpu::adapters();
+            if json {
+                out(&format!("{}\n", serde_json::to_string_pretty(&list)?));
+            } else if list.is_empty() {
+                eprintln!("no wgpu adapters with compute shaders (install a Vulkan, Metal or DX12 driver; without a GPU on Linux, mesa-vulkan-drivers)");
+            } else {
+                for a in list {
+                    out(&format!("{a}\n"));
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// The model on the chosen backend, the wgpu adapter as --adapter says.
+fn runner(l: &Loaded, m: &ModelArgs, capacity: usize) -> Result<Box<dyn flint::model::Forward>> {
+    l.runner_on(m.backend, capacity, m.adapter.as_deref())
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -439,7 +509,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tok.chat_tokens(&msgs)?
     };
     let cap = (prompt.len() + a.max_tokens).min(l.config.n_ctx);
-    let mut engine = l.engine(a.model.backend, cap)?;
+    let mut engine = l.engine_on(a.model.backend, cap, a.model.adapter.as_deref())?;
     let mut req = Request::new(prompt, a.max_tokens, a.sampling.config());
     req.stop = a.sampling.stop.clone();
     req.special = a.special;
@@ -541,7 +611,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     let path = model_path(&a.model.model)?;
     let l = Loaded::open(&path)?;
-    let engine = l.engine(a.model.backend, 0)?;
+    let engine = l.engine_on(a.model.backend, 0, a.model.adapter.as_deref())?;
     let model_id = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
     let opts = flint::server::Options {
         host: a.host,
@@ -562,7 +632,7 @@ fn serve(a: ServeArgs) -> Result<()> {
 
 fn chat(m: ModelArgs, s: SamplingArgs, system: Option<String>, max_tokens: usize) -> Result<()> {
     let l = Loaded::open(&model_path(&m.model)?)?;
-    let mut engine = l.engine(m.backend, 4096.min(l.config.n_ctx))?;
+    let mut engine = l.engine_on(m.backend, 4096.min(l.config.n_ctx), m.adapter.as_deref())?;
     let generating = Arc::new(AtomicBool::new(false));
     let cancel = Arc::new(AtomicBool::new(false));
     {

@@ -439,6 +439,9 @@ pub trait Forward: Send {
     /// logits. See [`Session::forward_multi`].
     fn forward_multi(&mut self, others: &mut [&mut dyn Forward], tokens: &[u32], pos: &[usize]) -> Result<Vec<f32>>;
     fn as_any(&mut self) -> &mut dyn std::any::Any;
+    /// Start (`true`) or stop timing every kernel; returns the times gathered so far and
+    /// resets them (empty where the backend keeps none).
+    fn profile(&mut self, on: bool) -> Vec<crate::backend::KernelTime>;
 }
 
 pub struct Runner<B: Backend> {
@@ -484,5 +487,10 @@ impl<B: Backend + 'static> Forward for Runner<B> {
     }
     fn as_any(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+    fn profile(&mut self, on: bool) -> Vec<crate::backend::KernelTime> {
+        let t = self.model.backend.take_profile();
+        self.model.backend.set_profiling(on);
+        t
     }
 }

@@ -87,6 +87,13 @@ pub trait Backend: Send + Sync + 'static {
     fn write(&self, buf: &mut Self::Buf, offset: usize, data: &[f32]) -> Result<()>;
     /// Copy `len` values starting at `offset` to the host.
     fn read(&self, x: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>>;
+    /// Time every kernel from here on (each waits for the device), or stop.
+    fn set_profiling(&self, _on: bool) {}
+    /// The kernel times gathered since profiling started, and reset them; empty where the
+    /// backend keeps none.
+    fn take_profile(&self) -> Vec<KernelTime> {
+        Vec::new()
+    }
     /// The `k` largest values of each of `rows` rows of `width` (see [`top_k_host`]): what a
     /// sampler needs of the logits, without copying them all to the host.
     fn top_k(&self, x: &Self::Buf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
@@ -108,6 +115,14 @@ pub fn top_k_host(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     all.truncate(k);
     all.sort_unstable_by(order);
     all
+}
+
+/// One kernel's share of a profiled run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub calls: u64,
+    pub ms: f64,
 }
 
 /// RoPE frequencies, precomputed once per model: `inv_freq[i] = base^(-2i/dims) / factor[i]`.

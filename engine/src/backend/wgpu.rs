@@ -412,6 +412,8 @@ pub struct Wgpu {
     rec: Mutex<Recorder>,
     scratch: Mutex<Scratch>,
     part_cap: AtomicUsize,
+    /// Kernel times by (kernel, weight type) while profiling.
+    profile: Mutex<Option<HashMap<(K, u32), (u64, f64)>>>,
     error: Arc<Mutex<Option<String>>>,
 }
 
@@ -520,6 +522,7 @@ impl Wgpu {
             rec: Mutex::new(rec),
             scratch: Mutex::new(Scratch::default()),
             part_cap: AtomicUsize::new(PART_CAP),
+            profile: Mutex::new(None),
             error,
         };
         // Compile the pipelines every model needs now, not in the first decode step.
@@ -655,6 +658,18 @@ impl Wgpu {
         pass.set_bind_group(0, &self.params_bg, &[offset as u32]);
         pass.set_bind_group(1, &binds[&key].0, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        let mut prof = self.profile.lock().unwrap();
+        if let Some(map) = prof.as_mut() {
+            // Profiling: this dispatch alone, submitted and waited for.
+            let t = std::time::Instant::now();
+            self.submit(&mut rec)?;
+            self.device
+                .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+                .map_err(|e| anyhow!("wgpu: waiting for the GPU: {e}"))?;
+            let e = map.entry((k, if k.spec().3 { ty } else { u32::MAX })).or_default();
+            e.0 += 1;
+            e.1 += t.elapsed().as_secs_f64();
+        }
         Ok(())
     }
 
@@ -1001,6 +1016,35 @@ impl Backend for Wgpu {
             bail!("read: {offset}+{len} of {} values", x.len);
         }
         Ok(self.read_words(&x.g, offset as u64 * 4, len)?.into_iter().map(f32::from_bits).collect())
+    }
+
+    fn set_profiling(&self, on: bool) {
+        // The recorder first, as `dispatch` locks them.
+        let mut rec = self.rec.lock().unwrap();
+        let mut p = self.profile.lock().unwrap();
+        if on && p.is_none() {
+            // Start from an idle device so the first kernel's time is its own.
+            let _ = self.submit(&mut rec);
+            let _ = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+            *p = Some(HashMap::new());
+        } else if !on {
+            *p = None;
+        }
+    }
+
+    fn take_profile(&self) -> Vec<super::KernelTime> {
+        let mut p = self.profile.lock().unwrap();
+        let Some(map) = p.as_mut() else { return Vec::new() };
+        let mut v: Vec<super::KernelTime> = map
+            .drain()
+            .map(|((k, ty), (calls, s))| {
+                let (file, entry, ..) = k.spec();
+                let ty = GgmlType::from_id(ty).map(|t| format!(" {t}")).unwrap_or_default();
+                super::KernelTime { kernel: format!("{file}.{entry}{ty}"), calls, ms: s * 1e3 }
+            })
+            .collect();
+        v.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        v
     }
 
     fn top_k(&self, x: &WgpuBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
