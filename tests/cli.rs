@@ -76,7 +76,8 @@ fn tokenize_info_synth_bench() {
     let o = flint(&["bench", "--model", ms, "-p", "16", "-n", "4", "--reps", "1", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let tests: Vec<&str> = v["results"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap()).collect();
-    assert_eq!(tests, ["pp16", "tg4"]);
+    assert_eq!(tests, ["pp16", "ttft p16", "tg4"]);
+    assert!(v["start_to_first_token_ms"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub struct BenchSpec {
 }
 
 /// Deterministic token ids spread over the vocabulary (not the special tokens at the start).
-fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+pub fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..n).map(|i| (300 + (i * 7919 + salt * 104_729) % (vocab.max(301) - 300)) as u32).collect()
 }
 

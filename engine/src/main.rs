@@ -423,7 +423,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let load_ms = start.elapsed().as_secs_f64() * 1e3;
             // Cold start: the process's first prompt to its first token, loading included.
             let cold = if ttft > 0 {
-                let toks: Vec<u32> = (0..ttft as u32).map(|i| 300 + i * 37 % 1000).collect();
+                let toks = flint::bench::tokens(ttft, l.config.n_vocab, 9);
                 fwd.forward_top(&toks, 0, false, 1)?;
                 Some(start.elapsed().as_secs_f64() * 1e3)
             } else {
