@@ -12,11 +12,13 @@ echo "== installing test dependencies"
 python3 -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" "numpy>=1.26" \
   "openai>=1.50" "websockets>=12" "selenium>=4.20"
 # Debian packages: headless Chromium and its driver (the browser page's test); Verilator,
-# Icarus Verilog and yosys (the HDL benches and synthesis).
+# Icarus Verilog and yosys (the HDL benches and synthesis); the Vulkan loader and Mesa's
+# software Vulkan driver, llvmpipe (the wgpu backend's tests run on it for real).
 need=()
 for p in chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver verilator:/usr/bin/verilator \
-         iverilog:/usr/bin/iverilog yosys:/usr/bin/yosys; do
-  [ -x "${p#*:}" ] || need+=("${p%%:*}")
+         iverilog:/usr/bin/iverilog yosys:/usr/bin/yosys libvulkan1:/usr/lib/$(uname -m)-linux-gnu/libvulkan.so.1 \
+         mesa-vulkan-drivers:/usr/share/vulkan/icd.d/lvp_icd.$(uname -m).json; do
+  [ -e "${p#*:}" ] || need+=("${p%%:*}")
 done
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -32,7 +34,9 @@ model=$(./target/release/flint pull | tail -n 1)
 echo "model: $model"
 
 echo "== tests"
-export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1 FLINT_REQUIRE_BROWSER=1
+export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1 FLINT_REQUIRE_BROWSER=1 FLINT_REQUIRE_WGPU=1
+# Mesa's Vulkan wants a runtime directory (it only warns without one).
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo test --release --locked --workspace -- --nocapture
 
 echo "== HDL benches (Verilator and Icarus, bit-exact against the golden model) and synthesis"
