@@ -6,18 +6,65 @@
 // lanes reduced through workgroup memory. Lanes stride over the row's 8-value units, so
 // neighbouring lanes read neighbouring words. Each weight unit is loaded once for the up to 4
 // tokens of the dispatch's z index (batched decode of several sessions, short drafts).
+//
+// - `main`: up to three matrices of the same type and input in one dispatch (Q, K and V):
+//   rows 0..m of W into Y, the next m2 of W2 into Y2, the next m3 of W3 into Y3.
+// - `swiglu`: gate (W) and up (W2) rows together, Y = silu(W x) * (W2 x): the feed-forward's
+//   first half in one dispatch.
 
-struct Params { m: u32, k: u32, nb: u32, sc_off: u32, n: u32, rpw: u32, _a: u32, _b: u32 }
+struct Params {
+    m: u32, k: u32, n: u32, rpw: u32,
+    nb: u32, sc_off: u32, m2: u32, sc_off2: u32,
+    m3: u32, sc_off3: u32, _a: u32, _b: u32,
+}
 @group(0) @binding(0) var<uniform> p: Params;
 @group(1) @binding(0) var<storage, read> W: array<u32>;
 @group(1) @binding(1) var<storage, read> X: array<vec4<f32>>;
 @group(1) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(1) @binding(3) var<storage, read> W2: array<u32>;
+@group(1) @binding(4) var<storage, read_write> Y2: array<f32>;
+@group(1) @binding(5) var<storage, read> W3: array<u32>;
+@group(1) @binding(6) var<storage, read_write> Y3: array<f32>;
 
 const WG: u32 = 64u;
 #if !subgroups
 const SEG: u32 = 16u;
 var<workgroup> red: array<vec4<f32>, 64>;
 #endif
+
+// acc[t] += w(o .. o + 8) . X(t0 + t, o .. o + 8) for the live tokens; `w1` is zero past a row
+// of 4k values, whose next activations are never read.
+fn dot8(acc: ptr<function, vec4<f32>>, w0: vec4<f32>, w1: vec4<f32>, full: bool, t0: u32, o: u32) {
+    for (var t = 0u; t < 4u; t++) {
+        if t0 + t < p.n {
+            let xi = ((t0 + t) * p.k + o) / 4u;
+            var s = dot(w0, X[xi]);
+            if full {
+                s += dot(w1, X[xi + 1u]);
+            }
+            (*acc)[t] += s;
+        }
+    }
+}
+
+// Sum `acc` over the segment's lanes; every lane of the segment gets the sum.
+fn seg_sum(acc: vec4<f32>, lid: u32, lane: u32) -> vec4<f32> {
+#if subgroups
+    return subgroupAdd(acc);
+#else
+    red[lid] = acc;
+    workgroupBarrier();
+    for (var off = SEG / 2u; off > 0u; off >>= 1u) {
+        if lane < off {
+            red[lid] += red[lid + off];
+        }
+        workgroupBarrier();
+    }
+    let s = red[lid - lane];
+    workgroupBarrier();
+    return s;
+#endif
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>,
@@ -29,7 +76,65 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
     let lane = lid % SEG;
     let seg_id = lid / SEG;
     let n_seg = WG / SEG;
-    let wi = WInfo(p.nb, p.sc_off);
+    let t0 = wg.z * 4u;
+    let units = (p.k + 7u) / 8u;
+    let block = wg.x + wg.y * nwg.x;
+    let iters = (p.rpw + n_seg - 1u) / n_seg;
+    let total = p.m + p.m2 + p.m3;
+    for (var it = 0u; it < iters; it++) {
+        let rl = it * n_seg + seg_id;
+        let r = block * p.rpw + rl;
+        let live = rl < p.rpw && r < total;
+        // Which matrix, and its row.
+        let mi = select(select(2u, 1u, r < p.m + p.m2), 0u, r < p.m);
+        let row = r - select(select(p.m + p.m2, p.m, mi == 1u), 0u, mi == 0u);
+        var acc = vec4<f32>(0.0);
+        if live {
+            for (var u = lane; u < units; u += SEG) {
+                let o = u * 8u;
+                let full = o + 4u < p.k;
+                var w0: vec4<f32>;
+                var w1: vec4<f32>;
+                if mi == 0u {
+                    w0 = deq4(WInfo(p.nb, p.sc_off), row, o);
+                    w1 = deq4(WInfo(p.nb, p.sc_off), row, o + 4u);
+                } else if mi == 1u {
+                    w0 = deq4_2(WInfo(p.nb, p.sc_off2), row, o);
+                    w1 = deq4_2(WInfo(p.nb, p.sc_off2), row, o + 4u);
+                } else {
+                    w0 = deq4_3(WInfo(p.nb, p.sc_off3), row, o);
+                    w1 = deq4_3(WInfo(p.nb, p.sc_off3), row, o + 4u);
+                }
+                dot8(&acc, w0, select(vec4<f32>(0.0), w1, full), full, t0, o);
+            }
+        }
+        let s = seg_sum(acc, lid, lane);
+        if live && lane == 0u {
+            for (var t = 0u; t < 4u; t++) {
+                if t0 + t < p.n {
+                    if mi == 0u {
+                        Y[(t0 + t) * p.m + row] = s[t];
+                    } else if mi == 1u {
+                        Y2[(t0 + t) * p.m2 + row] = s[t];
+                    } else {
+                        Y3[(t0 + t) * p.m3 + row] = s[t];
+                    }
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn swiglu(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>
+#if subgroups
+          , @builtin(subgroup_size) SEG: u32
+#endif
+) {
+    let lane = lid % SEG;
+    let seg_id = lid / SEG;
+    let n_seg = WG / SEG;
     let t0 = wg.z * 4u;
     let units = (p.k + 7u) / 8u;
     let block = wg.x + wg.y * nwg.x;
@@ -38,45 +143,24 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
         let rl = it * n_seg + seg_id;
         let row = block * p.rpw + rl;
         let live = rl < p.rpw && row < p.m;
-        var acc = vec4<f32>(0.0);
+        var g = vec4<f32>(0.0);
+        var u4 = vec4<f32>(0.0);
         if live {
             for (var u = lane; u < units; u += SEG) {
                 let o = u * 8u;
-                let w0 = deq4(wi, row, o);
-                // A row may end mid-unit (F32/F16 rows of 4k values): its padding is zero,
-                // and the activation past the row is never read.
                 let full = o + 4u < p.k;
-                let w1 = select(vec4<f32>(0.0), deq4(wi, row, o + 4u), full);
-                for (var t = 0u; t < 4u; t++) {
-                    if t0 + t < p.n {
-                        let xi = ((t0 + t) * p.k + o) / 4u;
-                        var s = dot(w0, X[xi]);
-                        if full {
-                            s += dot(w1, X[xi + 1u]);
-                        }
-                        acc[t] += s;
-                    }
-                }
+                let z = vec4<f32>(0.0);
+                dot8(&g, deq4(WInfo(p.nb, p.sc_off), row, o), select(z, deq4(WInfo(p.nb, p.sc_off), row, o + 4u), full), full, t0, o);
+                dot8(&u4, deq4_2(WInfo(p.nb, p.sc_off2), row, o), select(z, deq4_2(WInfo(p.nb, p.sc_off2), row, o + 4u), full), full, t0, o);
             }
         }
-#if subgroups
-        let s = subgroupAdd(acc);
-#else
-        red[lid] = acc;
-        workgroupBarrier();
-        for (var off = SEG / 2u; off > 0u; off >>= 1u) {
-            if lane < off {
-                red[lid] += red[lid + off];
-            }
-            workgroupBarrier();
-        }
-        let s = red[lid - lane];
-        workgroupBarrier();
-#endif
+        let gs = seg_sum(g, lid, lane);
+        let us = seg_sum(u4, lid, lane);
         if live && lane == 0u {
             for (var t = 0u; t < 4u; t++) {
                 if t0 + t < p.n {
-                    Y[(t0 + t) * p.m + row] = s[t];
+                    let x = gs[t];
+                    Y[(t0 + t) * p.m + row] = x / (1.0 + exp(-x)) * us[t];
                 }
             }
         }

@@ -404,3 +404,52 @@ fn adapter_choice_errors_list_the_adapters() {
     assert_eq!(Wgpu::new(&WgpuOptions { adapter: Some(part), ..Default::default() }).unwrap().adapter().name, listed[0].name);
 }
 
+
+/// The fused paths: Q, K and V in one GEMV (three weights of one type; mixed types fall back),
+/// and gate/up with SwiGLU in one GEMV, against the reference's separate ops.
+#[test]
+fn fused_matmuls_match_reference() {
+    let gs = gpus("fused_matmuls_match_reference");
+    if gs.is_empty() {
+        return;
+    }
+    let c = cpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let k = 96;
+    for (ta, tb) in [(GgmlType::Q4_1, GgmlType::Q4_1), (GgmlType::Q8_0, GgmlType::Q4_0), (GgmlType::F16, GgmlType::F16)] {
+        let g0 = tensors(&[("a", 70, k, ta), ("b", 13, k, tb), ("c", 13, k, tb), ("d", 70, k, ta)], 8);
+        let names = ["a", "b", "c", "d"];
+        let wc: Vec<_> = names.iter().map(|n| c.load_weight(&g0, g0.tensor(n).unwrap()).unwrap()).collect();
+        for n in [1, 3, 6, 20] {
+            let x = randn(&mut rng, n * k, 1.0);
+            let xc = upload(&c, &x);
+            let rows = [70, 13, 13];
+            let mut outs: Vec<_> = rows.iter().map(|&r| c.alloc(n * r).unwrap()).collect();
+            {
+                let mut o: Vec<&mut Vec<f32>> = outs.iter_mut().collect();
+                c.matmul_many(&[&wc[0], &wc[1], &wc[2]], &xc, n, &mut o).unwrap();
+            }
+            let want: Vec<Vec<f32>> = outs.iter().zip(rows).map(|(o, r)| c.read(o, 0, n * r).unwrap()).collect();
+            let (mut gate, mut up) = (c.alloc(n * 70).unwrap(), c.alloc(n * 70).unwrap());
+            c.ffn_gate_up(&wc[0], &wc[3], &xc, n, &mut gate, &mut up, 70).unwrap();
+            let want_ffn = c.read(&gate, 0, n * 70).unwrap();
+            for gpu in gs {
+                let wg: Vec<_> = names.iter().map(|nm| gpu.load_weight(&g0, g0.tensor(nm).unwrap()).unwrap()).collect();
+                let xg = upload(gpu, &x);
+                let mut outs: Vec<_> = rows.iter().map(|&r| gpu.alloc(n * r).unwrap()).collect();
+                {
+                    let mut o: Vec<_> = outs.iter_mut().collect();
+                    gpu.matmul_many(&[&wg[0], &wg[1], &wg[2]], &xg, n, &mut o).unwrap();
+                }
+                for ((o, r), w) in outs.iter().zip(rows).zip(&want) {
+                    // As the single matmul: another summation order.
+                    assert_close(&format!("matmul_many {} {ta}/{tb} n={n}", gpu.name()), &gpu.read(o, 0, n * r).unwrap(), w, k as f32 * 2.4e-7, 1e-5);
+                }
+                let (mut gate, mut up) = (gpu.alloc(n * 70).unwrap(), gpu.alloc(n * 70).unwrap());
+                gpu.ffn_gate_up(&wg[0], &wg[3], &xg, n, &mut gate, &mut up, 70).unwrap();
+                // The products' rounding, then exp() within a few ulps.
+                assert_close(&format!("ffn_gate_up {} {ta} n={n}", gpu.name()), &gpu.read(&gate, 0, n * 70).unwrap(), &want_ffn, k as f32 * 1e-6, 1e-4);
+            }
+        }
+    }
+}

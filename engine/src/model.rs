@@ -357,8 +357,7 @@ impl<B: Backend> Session<B> {
         let l = &m.layers[li];
         b.matmul(&l.wo, &self.att, n, &mut self.xb)?;
         b.add_rmsnorm(&mut self.x, &self.xb, &l.ffn_norm, c.eps, n, d, &mut self.xn)?;
-        b.matmul_many(&[&l.w_gate, &l.w_up], &self.xn, n, &mut [&mut self.gate, &mut self.up])?;
-        b.swiglu(&mut self.gate, &self.up, n * c.n_ff)?;
+        b.ffn_gate_up(&l.w_gate, &l.w_up, &self.xn, n, &mut self.gate, &mut self.up, c.n_ff)?;
         b.matmul(&l.w_down, &self.gate, n, &mut self.xb)?;
         let next = m.layers.get(li + 1).map_or(&m.output_norm, |l| &l.attn_norm);
         b.add_rmsnorm(&mut self.x, &self.xb, next, c.eps, n, d, &mut self.xn)

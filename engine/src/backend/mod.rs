@@ -71,6 +71,13 @@ pub trait Backend: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// The feed-forward's first half: gate = silu(gate_w x) * (up_w x) for `n` rows (`up`
+    /// is scratch), which a backend may run as one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_gate_up(&self, gate_w: &Self::Weight, up_w: &Self::Weight, x: &Self::Buf, n: usize, gate: &mut Self::Buf, up: &mut Self::Buf, ff: usize) -> Result<()> {
+        self.matmul_many(&[gate_w, up_w], x, n, &mut [&mut *gate, &mut *up])?;
+        self.swiglu(gate, up, n * ff)
+    }
     /// Rotate adjacent pairs of the first `rope.dims` values of each head of each row,
     /// row `t` being at position `pos0 + t`.
     fn rope(&self, x: &mut Self::Buf, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()>;

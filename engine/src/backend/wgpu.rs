@@ -146,6 +146,7 @@ fn pick(inst: &wgpu::Instance, want: Option<&str>) -> Result<wgpu::Adapter> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum K {
     Gemv,
+    GemvSwiglu,
     Matmul,
     AttnDecode,
     AttnCombine,
@@ -168,7 +169,8 @@ const RW: bool = false;
 impl K {
     fn spec(self) -> (&'static str, &'static str, &'static [(u32, bool)], bool) {
         match self {
-            K::Gemv => ("gemv", "main", &[(0, R), (1, R), (2, RW)], true),
+            K::Gemv => ("gemv", "main", &[(0, R), (1, R), (2, RW), (3, R), (4, RW), (5, R), (6, RW)], true),
+            K::GemvSwiglu => ("gemv", "swiglu", &[(0, R), (1, R), (2, RW), (3, R)], true),
             K::Matmul => ("matmul", "main", &[(0, R), (1, R), (2, RW)], true),
             K::AttnDecode => ("attention", "decode", &[(0, R), (1, R), (2, R), (3, RW)], false),
             K::AttnCombine => ("attention", "combine", &[(3, RW), (4, RW)], false),
@@ -215,7 +217,15 @@ pub fn shader_source(name: &str, f16: bool, subgroups: bool) -> Result<String> {
     }
     // (naga takes subgroup builtins without an `enable subgroups;`, which it rejects.)
     if body.contains("deq4(") {
-        out.push_str(shader_file("quant"));
+        let q = shader_file("quant");
+        out.push_str(q);
+        // The same dequantization from a second and third weight buffer (one type, TY).
+        for (f, w) in [("deq4_2", "W2"), ("deq4_3", "W3")] {
+            if body.contains(&format!("{f}(")) {
+                let lib = &q[q.find("fn deq4(").expect("quant.wgsl defines deq4")..];
+                out.push_str(&lib.replace("fn deq4(", &format!("fn {f}(")).replace("W[", &format!("{w}[")));
+            }
+        }
     }
     let mut stack: Vec<bool> = Vec::new(); // whether each open block's current branch is on
     for (i, line) in body.lines().enumerate() {
@@ -407,6 +417,8 @@ pub struct Wgpu {
     params_bg: wgpu::BindGroup,
     params_layout: wgpu::BindGroupLayout,
     arena_buf: Gpu,
+    /// Bound where a kernel's optional buffers are absent (one read-only, two writable).
+    dummy: [Gpu; 3],
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipes: Mutex<HashMap<(K, u32), Arc<Pipe>>>,
     rec: Mutex<Recorder>,
@@ -494,6 +506,7 @@ impl Wgpu {
             }],
         });
         let arena_buf = Gpu::new(&device, (ARENA_WORDS * 4) as u64, "flint arena");
+        let dummy = [0, 1, 2].map(|_| Gpu::new(&device, 16, "flint unused"));
         let gemv_rows = if subgroups { (64 / min_sg).clamp(1, 16) } else { 4 };
         let rec = Recorder {
             encoder: None,
@@ -516,6 +529,7 @@ impl Wgpu {
             params_buf,
             params_bg,
             params_layout,
+            dummy,
             arena_buf,
             modules: Mutex::new(HashMap::new()),
             pipes: Mutex::new(HashMap::new()),
@@ -799,21 +813,47 @@ impl Wgpu {
     }
 
     fn gemv_or_matmul(&self, w: &WgpuWeight, x: &WgpuBuf, n: usize, out: &WgpuBuf) -> Result<()> {
+        Self::check_matmul(w, x, n, out)?;
+        if n <= 16 {
+            return self.gemv(&[w], x, n, &[out]);
+        }
+        let (m, k) = (w.rows as u32, w.k as u32);
+        let groups = [(m as usize).div_ceil(64) as u32, n.div_ceil(64) as u32, 1];
+        self.dispatch(K::Matmul, w.ty.id(), &[m, k, w.nb, w.sc_off, n as u32], &[&w.g, &x.g, &out.g], groups, None)
+    }
+
+    fn check_matmul(w: &WgpuWeight, x: &WgpuBuf, n: usize, out: &WgpuBuf) -> Result<()> {
         if x.len < n * w.k || out.len < n * w.rows {
             bail!("matmul: buffers of {} and {} values for {n} rows of {}x{}", x.len, out.len, w.rows, w.k);
         }
-        let ty = w.ty.id();
-        let (m, k) = (w.rows as u32, w.k as u32);
-        if n <= 16 {
-            let rpw = self.gemv_rows;
-            let blocks = (m as usize).div_ceil(rpw as usize);
-            let gx = blocks.min(65_535);
-            let groups = [gx as u32, blocks.div_ceil(gx) as u32, n.div_ceil(4) as u32];
-            self.dispatch(K::Gemv, ty, &[m, k, w.nb, w.sc_off, n as u32, rpw], &[&w.g, &x.g, &out.g], groups, None)
-        } else {
-            let groups = [(m as usize).div_ceil(64) as u32, n.div_ceil(64) as u32, 1];
-            self.dispatch(K::Matmul, ty, &[m, k, w.nb, w.sc_off, n as u32], &[&w.g, &x.g, &out.g], groups, None)
-        }
+        Ok(())
+    }
+
+    /// Workgroups for `rows` GEMV rows and `n` tokens.
+    fn gemv_groups(&self, rows: usize, n: usize) -> [u32; 3] {
+        let blocks = rows.div_ceil(self.gemv_rows as usize);
+        let gx = blocks.min(65_535);
+        [gx as u32, blocks.div_ceil(gx) as u32, n.div_ceil(4) as u32]
+    }
+
+    /// One GEMV dispatch over up to three weights of one type and row length.
+    fn gemv(&self, ws: &[&WgpuWeight], x: &WgpuBuf, n: usize, outs: &[&WgpuBuf]) -> Result<()> {
+        let w0 = ws[0];
+        let at = |i: usize| ws.get(i).map_or((0, 0), |w| (w.rows as u32, w.sc_off));
+        let ((m2, sc2), (m3, sc3)) = (at(1), at(2));
+        let params = [w0.rows as u32, w0.k as u32, n as u32, self.gemv_rows, w0.nb, w0.sc_off, m2, sc2, m3, sc3];
+        let [dr, dw1, dw2] = &self.dummy;
+        let bufs = [
+            &w0.g,
+            &x.g,
+            &outs[0].g,
+            ws.get(1).map_or(dr, |w| &w.g),
+            outs.get(1).map_or(dw1, |o| &o.g),
+            ws.get(2).map_or(dr, |w| &w.g),
+            outs.get(2).map_or(dw2, |o| &o.g),
+        ];
+        let rows: usize = ws.iter().map(|w| w.rows).sum();
+        self.dispatch(K::Gemv, w0.ty.id(), &params, &bufs, self.gemv_groups(rows, n), None)
     }
 
     /// Decode attention: key chunks per split sized for about 64 splits, within workgroup
@@ -858,7 +898,7 @@ impl Backend for Wgpu {
                 self.max_binding
             );
         }
-        for kind in [K::Gemv, K::Matmul, K::Embed, K::RmsNorm, K::AddRmsNorm] {
+        for kind in [K::Gemv, K::GemvSwiglu, K::Matmul, K::Embed, K::RmsNorm, K::AddRmsNorm] {
             self.pipe(kind, ty.id())?;
         }
         Ok(WgpuWeight { g: Gpu::with_data(&self.device, &words, &t.name), ty, k, rows, nb, sc_off })
@@ -929,6 +969,36 @@ impl Backend for Wgpu {
 
     fn matmul(&self, w: &WgpuWeight, x: &WgpuBuf, n: usize, out: &mut WgpuBuf) -> Result<()> {
         self.gemv_or_matmul(w, x, n, out)
+    }
+
+    fn matmul_many(&self, ws: &[&WgpuWeight], x: &WgpuBuf, n: usize, outs: &mut [&mut WgpuBuf]) -> Result<()> {
+        if ws.len() != outs.len() {
+            bail!("matmul_many: {} weights, {} outputs", ws.len(), outs.len());
+        }
+        for (w, o) in ws.iter().zip(outs.iter()) {
+            Self::check_matmul(w, x, n, o)?;
+        }
+        // Q, K and V (or any few of one type and row length) in one GEMV dispatch.
+        if n <= 16 && ws.len() <= 3 && ws.iter().all(|w| w.ty == ws[0].ty && w.k == ws[0].k) {
+            let outs: Vec<&WgpuBuf> = outs.iter().map(|o| &**o).collect();
+            return self.gemv(ws, x, n, &outs);
+        }
+        for (w, o) in ws.iter().zip(outs.iter()) {
+            self.gemv_or_matmul(w, x, n, o)?;
+        }
+        Ok(())
+    }
+
+    fn ffn_gate_up(&self, gate_w: &WgpuWeight, up_w: &WgpuWeight, x: &WgpuBuf, n: usize, gate: &mut WgpuBuf, up: &mut WgpuBuf, ff: usize) -> Result<()> {
+        let same = gate_w.ty == up_w.ty && gate_w.k == up_w.k && gate_w.rows == up_w.rows;
+        if n > 16 || !same {
+            self.matmul_many(&[gate_w, up_w], x, n, &mut [&mut *gate, &mut *up])?;
+            return self.swiglu(gate, up, n * ff);
+        }
+        Self::check_matmul(gate_w, x, n, gate)?;
+        let w = gate_w;
+        let params = [w.rows as u32, w.k as u32, n as u32, self.gemv_rows, w.nb, w.sc_off, up_w.rows as u32, up_w.sc_off];
+        self.dispatch(K::GemvSwiglu, w.ty.id(), &params, &[&w.g, &x.g, &gate.g, &up_w.g], self.gemv_groups(w.rows, n), None)
     }
 
     fn rope(&self, x: &mut WgpuBuf, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()> {
