@@ -7,7 +7,8 @@
 // neighbouring lanes read neighbouring words. Each weight unit is loaded once for the up to 4
 // tokens of the dispatch's z index (batched decode of several sessions, short drafts).
 //
-// - `main`: up to three matrices of the same type and input in one dispatch (Q, K and V):
+// - `main`: one matrix.
+// - `multi`: two or three matrices of the same type and input in one dispatch (Q, K and V):
 //   rows 0..m of W into Y, the next m2 of W2 into Y2, the next m3 of W3 into Y3.
 // - `swiglu`: gate (W) and up (W2) rows together, Y = silu(W x) * (W2 x): the feed-forward's
 //   first half in one dispatch.
@@ -32,19 +33,20 @@ const SEG: u32 = 16u;
 var<workgroup> red: array<vec4<f32>, 64>;
 #endif
 
-// acc[t] += w(o .. o + 8) . X(t0 + t, o .. o + 8) for the live tokens; `w1` is zero past a row
-// of 4k values, whose next activations are never read.
-fn dot8(acc: ptr<function, vec4<f32>>, w0: vec4<f32>, w1: vec4<f32>, full: bool, t0: u32, o: u32) {
+// w(o .. o + 8) . X(t0 + t, o .. o + 8) for the live tokens t; `w1` is zero past a row of 4k
+// values, whose next activations are never read.
+fn dot8(w0: vec4<f32>, w1: vec4<f32>, full: bool, t0: u32, o: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
     for (var t = 0u; t < 4u; t++) {
         if t0 + t < p.n {
             let xi = ((t0 + t) * p.k + o) / 4u;
-            var s = dot(w0, X[xi]);
+            r[t] = dot(w0, X[xi]);
             if full {
-                s += dot(w1, X[xi + 1u]);
+                r[t] += dot(w1, X[xi + 1u]);
             }
-            (*acc)[t] += s;
         }
     }
+    return r;
 }
 
 // Sum `acc` over the segment's lanes; every lane of the segment gets the sum.
@@ -80,6 +82,44 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
     let units = (p.k + 7u) / 8u;
     let block = wg.x + wg.y * nwg.x;
     let iters = (p.rpw + n_seg - 1u) / n_seg;
+    let wi = WInfo(p.nb, p.sc_off);
+    for (var it = 0u; it < iters; it++) {
+        let rl = it * n_seg + seg_id;
+        let row = block * p.rpw + rl;
+        let live = rl < p.rpw && row < p.m;
+        var acc = vec4<f32>(0.0);
+        if live {
+            for (var u = lane; u < units; u += SEG) {
+                let o = u * 8u;
+                let full = o + 4u < p.k;
+                acc += dot8(deq4(wi, row, o), select(vec4<f32>(0.0), deq4(wi, row, o + 4u), full), full, t0, o);
+            }
+        }
+        let s = seg_sum(acc, lid, lane);
+        if live && lane == 0u {
+            for (var t = 0u; t < 4u; t++) {
+                if t0 + t < p.n {
+                    Y[(t0 + t) * p.m + row] = s[t];
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn multi(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>,
+         @builtin(num_workgroups) nwg: vec3<u32>
+#if subgroups
+         , @builtin(subgroup_size) SEG: u32
+#endif
+) {
+    let lane = lid % SEG;
+    let seg_id = lid / SEG;
+    let n_seg = WG / SEG;
+    let t0 = wg.z * 4u;
+    let units = (p.k + 7u) / 8u;
+    let block = wg.x + wg.y * nwg.x;
+    let iters = (p.rpw + n_seg - 1u) / n_seg;
     let total = p.m + p.m2 + p.m3;
     for (var it = 0u; it < iters; it++) {
         let rl = it * n_seg + seg_id;
@@ -105,7 +145,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
                     w0 = deq4_3(WInfo(p.nb, p.sc_off3), row, o);
                     w1 = deq4_3(WInfo(p.nb, p.sc_off3), row, o + 4u);
                 }
-                dot8(&acc, w0, select(vec4<f32>(0.0), w1, full), full, t0, o);
+                acc += dot8(w0, select(vec4<f32>(0.0), w1, full), full, t0, o);
             }
         }
         let s = seg_sum(acc, lid, lane);
@@ -150,8 +190,8 @@ fn swiglu(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: 
                 let o = u * 8u;
                 let full = o + 4u < p.k;
                 let z = vec4<f32>(0.0);
-                dot8(&g, deq4(WInfo(p.nb, p.sc_off), row, o), select(z, deq4(WInfo(p.nb, p.sc_off), row, o + 4u), full), full, t0, o);
-                dot8(&u4, deq4_2(WInfo(p.nb, p.sc_off2), row, o), select(z, deq4_2(WInfo(p.nb, p.sc_off2), row, o + 4u), full), full, t0, o);
+                g += dot8(deq4(WInfo(p.nb, p.sc_off), row, o), select(z, deq4(WInfo(p.nb, p.sc_off), row, o + 4u), full), full, t0, o);
+                u4 += dot8(deq4_2(WInfo(p.nb, p.sc_off2), row, o), select(z, deq4_2(WInfo(p.nb, p.sc_off2), row, o + 4u), full), full, t0, o);
             }
         }
         let gs = seg_sum(g, lid, lane);

@@ -146,6 +146,7 @@ fn pick(inst: &wgpu::Instance, want: Option<&str>) -> Result<wgpu::Adapter> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum K {
     Gemv,
+    GemvMulti,
     GemvSwiglu,
     Matmul,
     AttnDecode,
@@ -169,7 +170,8 @@ const RW: bool = false;
 impl K {
     fn spec(self) -> (&'static str, &'static str, &'static [(u32, bool)], bool) {
         match self {
-            K::Gemv => ("gemv", "main", &[(0, R), (1, R), (2, RW), (3, R), (4, RW), (5, R), (6, RW)], true),
+            K::Gemv => ("gemv", "main", &[(0, R), (1, R), (2, RW)], true),
+            K::GemvMulti => ("gemv", "multi", &[(0, R), (1, R), (2, RW), (3, R), (4, RW), (5, R), (6, RW)], true),
             K::GemvSwiglu => ("gemv", "swiglu", &[(0, R), (1, R), (2, RW), (3, R)], true),
             K::Matmul => ("matmul", "main", &[(0, R), (1, R), (2, RW)], true),
             K::AttnDecode => ("attention", "decode", &[(0, R), (1, R), (2, R), (3, RW)], false),
@@ -853,7 +855,10 @@ impl Wgpu {
             outs.get(2).map_or(dw2, |o| &o.g),
         ];
         let rows: usize = ws.iter().map(|w| w.rows).sum();
-        self.dispatch(K::Gemv, w0.ty.id(), &params, &bufs, self.gemv_groups(rows, n), None)
+        if ws.len() == 1 {
+            return self.dispatch(K::Gemv, w0.ty.id(), &params, &bufs[..3], self.gemv_groups(rows, n), None);
+        }
+        self.dispatch(K::GemvMulti, w0.ty.id(), &params, &bufs, self.gemv_groups(rows, n), None)
     }
 
     /// Decode attention: key chunks per split sized for about 64 splits, within workgroup
@@ -898,7 +903,7 @@ impl Backend for Wgpu {
                 self.max_binding
             );
         }
-        for kind in [K::Gemv, K::GemvSwiglu, K::Matmul, K::Embed, K::RmsNorm, K::AddRmsNorm] {
+        for kind in [K::Gemv, K::GemvMulti, K::GemvSwiglu, K::Matmul, K::Embed, K::RmsNorm, K::AddRmsNorm] {
             self.pipe(kind, ty.id())?;
         }
         Ok(WgpuWeight { g: Gpu::with_data(&self.device, &words, &t.name), ty, k, rows, nb, sc_off })
