@@ -3,6 +3,7 @@
 //! - `pp N`: one forward pass over N prompt tokens from an empty cache.
 //! - `tg N @ dD`: D tokens prefilled (untimed), then N single-token decode steps.
 //! - `ttft pN`: a fresh N-token prompt to its first token (prefill and the sampled token).
+//!
 //! Every pass reads back what greedy decoding does: the sampled token, not the logits.
 //! Each test runs `reps` times after one warm-up; the median is reported with min and max.
 //! Decode bandwidth counts every weight byte once per token (tied embeddings are read

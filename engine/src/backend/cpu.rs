@@ -342,10 +342,11 @@ impl Backend for Cpu {
     }
 
     fn write(&self, buf: &mut Vec<f32>, offset: usize, data: &[f32]) -> Result<()> {
-        match buf.get_mut(offset..offset + data.len()) {
-            Some(dst) => Ok(dst.copy_from_slice(data)),
-            None => bail!("write: {offset}+{} of {} values", data.len(), buf.len()),
-        }
+        let Some(dst) = buf.get_mut(offset..offset + data.len()) else {
+            bail!("write: {offset}+{} of {} values", data.len(), buf.len());
+        };
+        dst.copy_from_slice(data);
+        Ok(())
     }
 
     fn read(&self, x: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {

@@ -384,6 +384,11 @@ fn repack(ty: GgmlType, data: &[u8], k: usize, rows: usize) -> Result<(GgmlType,
     })
 }
 
+/// A cached bind group and weak handles on its buffers.
+type Bound = (wgpu::BindGroup, Vec<Weak<()>>);
+/// Kernel times while profiling: (calls, seconds) by (kernel, weight type).
+type Profile = HashMap<(K, u32), (u64, f64)>;
+
 /// Per-submission recording state.
 struct Recorder {
     encoder: Option<wgpu::CommandEncoder>,
@@ -391,7 +396,7 @@ struct Recorder {
     params: Vec<u8>,
     slots: usize,
     arena: Vec<u32>,
-    binds: HashMap<(usize, Vec<u64>), (wgpu::BindGroup, Vec<Weak<()>>)>,
+    binds: HashMap<(usize, Vec<u64>), Bound>,
     /// Buffers the GPU may still read that the host has dropped; freed at the next submit.
     staging: Option<wgpu::Buffer>,
 }
@@ -427,7 +432,7 @@ pub struct Wgpu {
     scratch: Mutex<Scratch>,
     part_cap: AtomicUsize,
     /// Kernel times by (kernel, weight type) while profiling.
-    profile: Mutex<Option<HashMap<(K, u32), (u64, f64)>>>,
+    profile: Mutex<Option<Profile>>,
     error: Arc<Mutex<Option<String>>>,
 }
 
@@ -891,7 +896,7 @@ impl Backend for Wgpu {
 
     fn load_weight(&self, file: &Gguf, t: &TensorInfo) -> Result<WgpuWeight> {
         let (k, rows) = t.rows_cols();
-        if k % 4 != 0 {
+        if !k.is_multiple_of(4) {
             bail!("tensor {:?}: rows of {k} values; the wgpu backend needs a multiple of 4", t.name);
         }
         let (ty, words, nb, sc_off) = repack(t.ty, file.tensor_data(t), k, rows).with_context(|| format!("tensor {:?}", t.name))?;
@@ -936,7 +941,7 @@ impl Backend for Wgpu {
     }
 
     fn store_kv(&self, src: &WgpuBuf, kv: &mut WgpuKv, pos0: usize, n: usize, width: usize) -> Result<()> {
-        if width % 2 != 0 || src.len < n * width || kv.len < (pos0 + n) * width {
+        if !width.is_multiple_of(2) || src.len < n * width || kv.len < (pos0 + n) * width {
             bail!("store_kv: rows {pos0}..{} of width {width} do not fit", pos0 + n);
         }
         let pairs = n * width / 2;
@@ -957,7 +962,7 @@ impl Backend for Wgpu {
     }
 
     fn rmsnorm(&self, x: &WgpuBuf, w: &WgpuWeight, eps: f32, n: usize, dim: usize, out: &mut WgpuBuf) -> Result<()> {
-        if dim % 4 != 0 || w.k != dim || x.len < n * dim || out.len < n * dim {
+        if !dim.is_multiple_of(4) || w.k != dim || x.len < n * dim || out.len < n * dim {
             bail!("rmsnorm: {n} rows of {dim} (weight of {})", w.k);
         }
         let params = [dim as u32, w.nb, w.sc_off, eps.to_bits()];
@@ -965,7 +970,7 @@ impl Backend for Wgpu {
     }
 
     fn add_rmsnorm(&self, x: &mut WgpuBuf, y: &WgpuBuf, w: &WgpuWeight, eps: f32, n: usize, dim: usize, out: &mut WgpuBuf) -> Result<()> {
-        if dim % 4 != 0 || w.k != dim || x.len < n * dim || y.len < n * dim || out.len < n * dim {
+        if !dim.is_multiple_of(4) || w.k != dim || x.len < n * dim || y.len < n * dim || out.len < n * dim {
             bail!("add_rmsnorm: {n} rows of {dim} (weight of {})", w.k);
         }
         let params = [dim as u32, w.nb, w.sc_off, eps.to_bits()];
@@ -1028,7 +1033,7 @@ impl Backend for Wgpu {
 
     fn attention(&self, q: &WgpuBuf, k: &WgpuKv, v: &WgpuKv, out: &mut WgpuBuf, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
         let (hd, group) = (s.head_dim, s.n_head / s.n_kv_head);
-        if hd % 2 != 0 || hd > 128 || group > 16 || group * hd > 1024 {
+        if !hd.is_multiple_of(2) || hd > 128 || group > 16 || group * hd > 1024 {
             bail!("attention: head size {hd} with {group} query heads per KV head is beyond the wgpu kernels (even, <= 128, group x head <= 1024)");
         }
         let len = pos0 + n;
