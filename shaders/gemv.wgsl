@@ -49,6 +49,15 @@ fn dot8(w0: vec4<f32>, w1: vec4<f32>, full: bool, t0: u32, o: u32) -> vec4<f32> 
     return r;
 }
 
+// Where an invocation works: its lane in its row's segment, the segment's index and count,
+// the first token, the row's 8-value units, the block of rows, the passes over the block.
+struct Lanes { lane: u32, seg_id: u32, n_seg: u32, t0: u32, units: u32, block: u32, iters: u32 }
+
+fn lanes(lid: u32, wg: vec3<u32>, nwg: vec3<u32>, seg: u32) -> Lanes {
+    let n_seg = WG / seg;
+    return Lanes(lid % seg, lid / seg, n_seg, wg.z * 4u, (p.k + 7u) / 8u, wg.x + wg.y * nwg.x, (p.rpw + n_seg - 1u) / n_seg);
+}
+
 // Sum `acc` over the segment's lanes; every lane of the segment gets the sum.
 fn seg_sum(acc: vec4<f32>, lid: u32, lane: u32) -> vec4<f32> {
 #if subgroups
@@ -75,17 +84,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
         , @builtin(subgroup_size) SEG: u32
 #endif
 ) {
-    let lane = lid % SEG;
-    let seg_id = lid / SEG;
-    let n_seg = WG / SEG;
-    let t0 = wg.z * 4u;
-    let units = (p.k + 7u) / 8u;
-    let block = wg.x + wg.y * nwg.x;
-    let iters = (p.rpw + n_seg - 1u) / n_seg;
+    let l = lanes(lid, wg, nwg, SEG);
+    let lane = l.lane;
+    let t0 = l.t0;
+    let units = l.units;
     let wi = WInfo(p.nb, p.sc_off);
-    for (var it = 0u; it < iters; it++) {
-        let rl = it * n_seg + seg_id;
-        let row = block * p.rpw + rl;
+    for (var it = 0u; it < l.iters; it++) {
+        let rl = it * l.n_seg + l.seg_id;
+        let row = l.block * p.rpw + rl;
         let live = rl < p.rpw && row < p.m;
         var acc = vec4<f32>(0.0);
         if live {
@@ -113,17 +119,14 @@ fn multi(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: v
          , @builtin(subgroup_size) SEG: u32
 #endif
 ) {
-    let lane = lid % SEG;
-    let seg_id = lid / SEG;
-    let n_seg = WG / SEG;
-    let t0 = wg.z * 4u;
-    let units = (p.k + 7u) / 8u;
-    let block = wg.x + wg.y * nwg.x;
-    let iters = (p.rpw + n_seg - 1u) / n_seg;
+    let l = lanes(lid, wg, nwg, SEG);
+    let lane = l.lane;
+    let t0 = l.t0;
+    let units = l.units;
     let total = p.m + p.m2 + p.m3;
-    for (var it = 0u; it < iters; it++) {
-        let rl = it * n_seg + seg_id;
-        let r = block * p.rpw + rl;
+    for (var it = 0u; it < l.iters; it++) {
+        let rl = it * l.n_seg + l.seg_id;
+        let r = l.block * p.rpw + rl;
         let live = rl < p.rpw && r < total;
         // Which matrix, and its row.
         let mi = select(select(2u, 1u, r < p.m + p.m2), 0u, r < p.m);
@@ -172,16 +175,13 @@ fn swiglu(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: 
           , @builtin(subgroup_size) SEG: u32
 #endif
 ) {
-    let lane = lid % SEG;
-    let seg_id = lid / SEG;
-    let n_seg = WG / SEG;
-    let t0 = wg.z * 4u;
-    let units = (p.k + 7u) / 8u;
-    let block = wg.x + wg.y * nwg.x;
-    let iters = (p.rpw + n_seg - 1u) / n_seg;
-    for (var it = 0u; it < iters; it++) {
-        let rl = it * n_seg + seg_id;
-        let row = block * p.rpw + rl;
+    let l = lanes(lid, wg, nwg, SEG);
+    let lane = l.lane;
+    let t0 = l.t0;
+    let units = l.units;
+    for (var it = 0u; it < l.iters; it++) {
+        let rl = it * l.n_seg + l.seg_id;
+        let row = l.block * p.rpw + rl;
         let live = rl < p.rpw && row < p.m;
         var g = vec4<f32>(0.0);
         var u4 = vec4<f32>(0.0);

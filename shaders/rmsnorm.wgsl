@@ -1,9 +1,9 @@
 // RMSNorm, one workgroup per row: O(t, :) = X(t, :) / rms(X(t, :)) * w.
-// `add_rmsnorm` first adds the residual branch in place (X += Y), saving a pass over X.
+// With `add`, first the residual branch in place (X += Y), saving a pass over X.
 // The sum of squares is reduced with `subgroupAdd` where the adapter has subgroups, else
 // through workgroup memory.
 
-struct Params { dim: u32, nb: u32, sc_off: u32, eps: f32 }
+struct Params { dim: u32, nb: u32, sc_off: u32, eps: f32, add: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(1) @binding(0) var<storage, read> W: array<u32>;
 @group(1) @binding(1) var<storage, read_write> X: array<vec4<f32>>;
@@ -46,52 +46,31 @@ fn sum256(v: f32, lid: u32
 #endif
 }
 
-fn norm(lid: u32, row: u32, ss: f32) {
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>
+#if subgroups
+        , @builtin(subgroup_size) sg: u32
+#endif
+) {
+    let row = wg.x;
+    let q = p.dim / 4u;
+    var ss = 0.0;
+    for (var i = lid; i < q; i += 256u) {
+        var v = X[row * q + i];
+        if p.add != 0u {
+            v += Y[row * q + i];
+            X[row * q + i] = v;
+        }
+        ss += dot(v, v);
+    }
+#if subgroups
+    ss = sum256(ss, lid, sg);
+#else
+    ss = sum256(ss, lid);
+#endif
     let scale = 1.0 / sqrt(ss / f32(p.dim) + p.eps);
     let wi = WInfo(p.nb, p.sc_off);
-    let q = p.dim / 4u;
     for (var i = lid; i < q; i += 256u) {
         O[row * q + i] = X[row * q + i] * scale * deq4(wi, 0u, i * 4u);
     }
-}
-
-@compute @workgroup_size(256)
-fn rmsnorm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>
-#if subgroups
-           , @builtin(subgroup_size) sg: u32
-#endif
-) {
-    let row = wg.x;
-    let q = p.dim / 4u;
-    var ss = 0.0;
-    for (var i = lid; i < q; i += 256u) {
-        let v = X[row * q + i];
-        ss += dot(v, v);
-    }
-#if subgroups
-    norm(lid, row, sum256(ss, lid, sg));
-#else
-    norm(lid, row, sum256(ss, lid));
-#endif
-}
-
-@compute @workgroup_size(256)
-fn add_rmsnorm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>
-#if subgroups
-               , @builtin(subgroup_size) sg: u32
-#endif
-) {
-    let row = wg.x;
-    let q = p.dim / 4u;
-    var ss = 0.0;
-    for (var i = lid; i < q; i += 256u) {
-        let v = X[row * q + i] + Y[row * q + i];
-        X[row * q + i] = v;
-        ss += dot(v, v);
-    }
-#if subgroups
-    norm(lid, row, sum256(ss, lid, sg));
-#else
-    norm(lid, row, sum256(ss, lid));
-#endif
 }

@@ -153,7 +153,6 @@ enum K {
     AttnCombine,
     AttnPrefill,
     RmsNorm,
-    AddRmsNorm,
     Embed,
     Rope,
     Swiglu,
@@ -177,8 +176,7 @@ impl K {
             K::AttnDecode => ("attention", "decode", &[(0, R), (1, R), (2, R), (3, RW)], false),
             K::AttnCombine => ("attention", "combine", &[(3, RW), (4, RW)], false),
             K::AttnPrefill => ("attention", "prefill", &[(0, R), (1, R), (2, R), (3, RW)], false),
-            K::RmsNorm => ("rmsnorm", "rmsnorm", &[(0, R), (1, RW), (2, RW)], true),
-            K::AddRmsNorm => ("rmsnorm", "add_rmsnorm", &[(0, R), (1, RW), (2, RW), (3, R)], true),
+            K::RmsNorm => ("rmsnorm", "main", &[(0, R), (1, RW), (2, RW), (3, R)], true),
             K::Embed => ("embed", "main", &[(0, R), (1, R), (2, RW)], true),
             K::Rope => ("elementwise", "rope", &[(0, RW), (2, R)], false),
             K::Swiglu => ("elementwise", "swiglu", &[(0, RW), (1, R)], false),
@@ -908,7 +906,7 @@ impl Backend for Wgpu {
                 self.max_binding
             );
         }
-        for kind in [K::Gemv, K::GemvMulti, K::GemvSwiglu, K::Matmul, K::Embed, K::RmsNorm, K::AddRmsNorm] {
+        for kind in [K::Gemv, K::GemvMulti, K::GemvSwiglu, K::Matmul, K::Embed, K::RmsNorm] {
             self.pipe(kind, ty.id())?;
         }
         Ok(WgpuWeight { g: Gpu::with_data(&self.device, &words, &t.name), ty, k, rows, nb, sc_off })
@@ -965,16 +963,16 @@ impl Backend for Wgpu {
         if !dim.is_multiple_of(4) || w.k != dim || x.len < n * dim || out.len < n * dim {
             bail!("rmsnorm: {n} rows of {dim} (weight of {})", w.k);
         }
-        let params = [dim as u32, w.nb, w.sc_off, eps.to_bits()];
-        self.dispatch(K::RmsNorm, w.ty.id(), &params, &[&w.g, &x.g, &out.g], [n as u32, 1, 1], None)
+        let params = [dim as u32, w.nb, w.sc_off, eps.to_bits(), 0];
+        self.dispatch(K::RmsNorm, w.ty.id(), &params, &[&w.g, &x.g, &out.g, &self.dummy[0]], [n as u32, 1, 1], None)
     }
 
     fn add_rmsnorm(&self, x: &mut WgpuBuf, y: &WgpuBuf, w: &WgpuWeight, eps: f32, n: usize, dim: usize, out: &mut WgpuBuf) -> Result<()> {
         if !dim.is_multiple_of(4) || w.k != dim || x.len < n * dim || y.len < n * dim || out.len < n * dim {
             bail!("add_rmsnorm: {n} rows of {dim} (weight of {})", w.k);
         }
-        let params = [dim as u32, w.nb, w.sc_off, eps.to_bits()];
-        self.dispatch(K::AddRmsNorm, w.ty.id(), &params, &[&w.g, &x.g, &out.g, &y.g], [n as u32, 1, 1], None)
+        let params = [dim as u32, w.nb, w.sc_off, eps.to_bits(), 1];
+        self.dispatch(K::RmsNorm, w.ty.id(), &params, &[&w.g, &x.g, &out.g, &y.g], [n as u32, 1, 1], None)
     }
 
     fn matmul(&self, w: &WgpuWeight, x: &WgpuBuf, n: usize, out: &mut WgpuBuf) -> Result<()> {
