@@ -34,8 +34,10 @@ fn v2(i: u32) -> vec2<f32> { return unpack2x16float(V[i]); }
 fn kw(i: u32) -> u32 { return K[i]; }
 fn vw(i: u32) -> u32 { return V[i]; }
 #endif
-// decode: partials, (row, head, split) x (max, sum, head_dim values); prefill: the output.
+// Partials: (row, head, split) x (max, sum, head_dim values).
 @group(1) @binding(3) var<storage, read_write> O: array<f32>;
+// The output (decode writes it directly where one split holds every key).
+@group(1) @binding(4) var<storage, read_write> OUT: array<f32>;
 
 const NEG: f32 = -3.0e38;
 const MAX_G: u32 = 16u;      // query heads per KV head
@@ -93,7 +95,7 @@ fn decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: 
     let stride = hd + 2u;
     for (var h = 0u; h < group; h++) {
         let at = ((t * p.n_head + g * group + h) * p.n_split + split) * stride;
-        if lid == 0u {
+        if lid == 0u && p.n_split > 1u {
             O[at] = stat[h * 2u];
             O[at + 1u] = stat[h * 2u + 1u];
         }
@@ -102,13 +104,17 @@ fn decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: 
             for (var j = k0; j < k1; j++) {
                 acc += sc[h * p.chunk + j - k0] * v2((j * p.kv_dim + kvo + d) / 2u)[d & 1u];
             }
-            O[at + 2u + d] = acc;
+            if p.n_split == 1u {
+                // One split holds every key: normalise here, no merge needed.
+                OUT[(t * p.n_head + g * group + h) * hd + d] = acc / stat[h * 2u + 1u];
+            } else {
+                O[at + 2u + d] = acc;
+            }
         }
     }
 }
 
 // Merge the splits of each (row, head): rescale to the common max, then normalise.
-@group(1) @binding(4) var<storage, read_write> OUT: array<f32>;
 
 @compute @workgroup_size(64)
 fn combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {

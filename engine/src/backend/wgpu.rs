@@ -173,7 +173,7 @@ impl K {
             K::GemvMulti => ("gemv", "multi", &[(0, R), (1, R), (2, RW), (3, R), (4, RW), (5, R), (6, RW)], true),
             K::GemvSwiglu => ("gemv", "swiglu", &[(0, R), (1, R), (2, RW), (3, R)], true),
             K::Matmul => ("matmul", "main", &[(0, R), (1, R), (2, RW)], true),
-            K::AttnDecode => ("attention", "decode", &[(0, R), (1, R), (2, R), (3, RW)], false),
+            K::AttnDecode => ("attention", "decode", &[(0, R), (1, R), (2, R), (3, RW), (4, RW)], false),
             K::AttnCombine => ("attention", "combine", &[(3, RW), (4, RW)], false),
             K::AttnPrefill => ("attention", "prefill", &[(0, R), (1, R), (2, R), (3, RW)], false),
             K::RmsNorm => ("rmsnorm", "main", &[(0, R), (1, RW), (2, RW), (3, R)], true),
@@ -864,11 +864,14 @@ impl Wgpu {
         self.dispatch(K::GemvMulti, w0.ty.id(), &params, &bufs, self.gemv_groups(rows, n), None)
     }
 
-    /// Decode attention: key chunks per split sized for about 64 splits, within workgroup
-    /// memory (group x chunk scores).
+    /// Decode attention: one split where the largest chunk that fits workgroup memory
+    /// (group x chunk scores) holds every key; past that, chunks sized for about 64 splits.
     fn attn_chunk(len: usize, group: usize) -> usize {
-        let max = (2048 / group).min(256) / 32 * 32;
-        (len.div_ceil(64)).next_multiple_of(32).clamp(32, max.max(32))
+        let max = ((2048 / group).min(256) / 32 * 32).max(32);
+        if len <= max {
+            return max;
+        }
+        len.div_ceil(64).next_multiple_of(32).clamp(32, max)
     }
 }
 
@@ -1055,7 +1058,10 @@ impl Backend for Wgpu {
             let p = [n as u32, pos0 as u32, s.n_head as u32, s.n_kv_head as u32, hd as u32, s.kv_dim() as u32, chunk as u32, n_split as u32, scale, t0 as u32];
             if decode {
                 let groups = [n_split as u32, s.n_kv_head as u32, n as u32];
-                self.dispatch(K::AttnDecode, 0, &p, &[&q.g, &k.g, &v.g, part], groups, None)?;
+                self.dispatch(K::AttnDecode, 0, &p, &[&q.g, &k.g, &v.g, part, &out.g], groups, None)?;
+                if n_split == 1 {
+                    continue; // normalised in place
+                }
             } else {
                 let groups = [n_split as u32, s.n_head as u32, rows.div_ceil(64) as u32];
                 self.dispatch(K::AttnPrefill, 0, &p, &[&q.g, &k.g, &v.g, part], groups, None)?;
