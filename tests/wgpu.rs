@@ -453,3 +453,45 @@ fn fused_matmuls_match_reference() {
         }
     }
 }
+
+/// RoPE on q and k and the K/V store in one pass, against the reference's separate ops:
+/// q and k exactly as RoPE leaves them, and attention over the stored caches.
+#[test]
+fn fused_rope_and_kv_store_match_reference() {
+    let gs = gpus("fused_rope_and_kv_store_match_reference");
+    if gs.is_empty() {
+        return;
+    }
+    let c = cpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for (nh, nkv, hd, dims, n, pos0) in [(9, 3, 64, 64, 1, 0), (9, 3, 64, 64, 5, 40), (4, 2, 32, 16, 20, 7)] {
+        let s = AttnShape { n_head: nh, n_kv_head: nkv, head_dim: hd };
+        let rope = Rope::new(dims, 10_000.0, None);
+        let (q, k, v) = (randn(&mut rng, n * s.q_dim(), 2.0), randn(&mut rng, n * s.kv_dim(), 1.0), randn(&mut rng, n * s.kv_dim(), 1.0));
+        fn run<B: Backend>(b: &B, q: &[f32], k: &[f32], v: &[f32], n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> [Vec<f32>; 3] {
+            let (mut qb, mut kb, vb) = (upload(b, q), upload(b, k), upload(b, v));
+            let len = (pos0 + n) * s.kv_dim();
+            let (mut kc, mut vc) = (b.alloc_kv(len).unwrap(), b.alloc_kv(len).unwrap());
+            // Positions before pos0 hold zeros: rows of the cache written by the fused op only.
+            let zeros = upload(b, &vec![0.0; len.max(1)]);
+            if pos0 > 0 {
+                b.store_kv(&zeros, &mut kc, 0, pos0, s.kv_dim()).unwrap();
+                b.store_kv(&zeros, &mut vc, 0, pos0, s.kv_dim()).unwrap();
+            }
+            b.rope_store_kv(&mut qb, &mut kb, &vb, &mut kc, &mut vc, n, pos0, s, rope).unwrap();
+            let mut out = b.alloc(n * s.q_dim()).unwrap();
+            b.attention(&qb, &kc, &vc, &mut out, n, pos0, s).unwrap();
+            [b.read(&qb, 0, q.len()).unwrap(), b.read(&kb, 0, k.len()).unwrap(), b.read(&out, 0, n * s.q_dim()).unwrap()]
+        }
+        let want = run(&c, &q, &k, &v, n, pos0, s, &rope);
+        for gpu in gs {
+            let got = run(gpu, &q, &k, &v, n, pos0, s, &rope);
+            let name = format!("{} ({nh},{nkv},{hd}) dims={dims} n={n} pos0={pos0}", gpu.name());
+            // The same f64 angles; only a*c - b*s may fuse.
+            assert_close(&format!("q {name}"), &got[0], &want[0], 1e-6, 1e-6);
+            assert_close(&format!("k {name}"), &got[1], &want[1], 1e-6, 1e-6);
+            // The GPU cache holds K and V in f16 (relative rounding 2^-11), the reference's f32.
+            assert_close(&format!("attention {name}"), &got[2], &want[2], 2e-3, 2e-3);
+        }
+    }
+}

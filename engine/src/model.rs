@@ -317,16 +317,13 @@ impl<B: Backend> Session<B> {
         self.ensure_batch(m, n)?;
         let (c, b) = (&m.cfg, &m.backend);
         let s = c.attn();
-        let (d, kvd) = (c.n_embd, s.kv_dim());
+        let d = c.n_embd;
         b.embed(&m.tok_embd, tokens, &mut self.x)?;
         b.rmsnorm(&self.x, &m.layers[0].attn_norm, c.eps, n, d, &mut self.xn)?;
         for (li, l) in m.layers.iter().enumerate() {
             // Attention block; xn holds the normalised input.
             b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xn, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
-            b.rope(&mut self.q, n, c.n_head, c.head_dim, pos0, &m.rope)?;
-            b.rope(&mut self.k, n, c.n_kv_head, c.head_dim, pos0, &m.rope)?;
-            b.store_kv(&self.k, &mut self.k_cache[li], pos0, n, kvd)?;
-            b.store_kv(&self.v, &mut self.v_cache[li], pos0, n, kvd)?;
+            b.rope_store_kv(&mut self.q, &mut self.k, &self.v, &mut self.k_cache[li], &mut self.v_cache[li], n, pos0, s, &m.rope)?;
             b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, n, pos0, s)?;
             self.finish_layer(m, li, n)?;
         }
@@ -389,10 +386,7 @@ impl<B: Backend> Session<B> {
             for (li, l) in m.layers.iter().enumerate() {
                 b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xn, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
                 // Row 0 in place, at its own position.
-                b.rope(&mut self.q, 1, c.n_head, c.head_dim, pos[0], &m.rope)?;
-                b.rope(&mut self.k, 1, c.n_kv_head, c.head_dim, pos[0], &m.rope)?;
-                b.store_kv(&self.k, &mut self.k_cache[li], pos[0], 1, kvd)?;
-                b.store_kv(&self.v, &mut self.v_cache[li], pos[0], 1, kvd)?;
+                b.rope_store_kv(&mut self.q, &mut self.k, &self.v, &mut self.k_cache[li], &mut self.v_cache[li], 1, pos[0], s, &m.rope)?;
                 b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, 1, pos[0], s)?;
                 // Other rows through their session's own row-0 buffers.
                 for (i, o) in others.iter_mut().enumerate() {
@@ -400,10 +394,7 @@ impl<B: Backend> Session<B> {
                     b.copy_rows(&self.q, r, &mut o.q, 0, 1, qd)?;
                     b.copy_rows(&self.k, r, &mut o.k, 0, 1, kvd)?;
                     b.copy_rows(&self.v, r, &mut o.v, 0, 1, kvd)?;
-                    b.rope(&mut o.q, 1, c.n_head, c.head_dim, p, &m.rope)?;
-                    b.rope(&mut o.k, 1, c.n_kv_head, c.head_dim, p, &m.rope)?;
-                    b.store_kv(&o.k, &mut o.k_cache[li], p, 1, kvd)?;
-                    b.store_kv(&o.v, &mut o.v_cache[li], p, 1, kvd)?;
+                    b.rope_store_kv(&mut o.q, &mut o.k, &o.v, &mut o.k_cache[li], &mut o.v_cache[li], 1, p, s, &m.rope)?;
                     b.attention(&o.q, &o.k_cache[li], &o.v_cache[li], &mut o.att, 1, p, s)?;
                     b.copy_rows(&o.att, 0, &mut self.att, r, 1, qd)?;
                 }

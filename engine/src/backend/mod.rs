@@ -81,6 +81,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Rotate adjacent pairs of the first `rope.dims` values of each head of each row,
     /// row `t` being at position `pos0 + t`.
     fn rope(&self, x: &mut Self::Buf, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()>;
+    /// RoPE on `n` rows of q and k at positions `pos0..`, then k and v into the caches' rows
+    /// `pos0..pos0+n`: the attention block's steps between the projections and attention,
+    /// which a backend may run as one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store_kv(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, kc: &mut Self::Kv, vc: &mut Self::Kv, n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> Result<()> {
+        self.rope(q, n, s.n_head, s.head_dim, pos0, rope)?;
+        self.rope(k, n, s.n_kv_head, s.head_dim, pos0, rope)?;
+        self.store_kv(k, kc, pos0, n, s.kv_dim())?;
+        self.store_kv(v, vc, pos0, n, s.kv_dim())
+    }
     /// dst rows `dst_row..dst_row+n` = src rows `src_row..src_row+n`, rows of `width` values.
     fn copy_rows(&self, src: &Self::Buf, src_row: usize, dst: &mut Self::Buf, dst_row: usize, n: usize, width: usize) -> Result<()>;
     /// Causal attention of `n` query rows at positions `pos0..pos0+n` over cache rows `0..pos0+n`.

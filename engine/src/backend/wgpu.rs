@@ -159,6 +159,7 @@ enum K {
     Add,
     Copy,
     StoreKv,
+    RopeStore,
     TopkPart,
     TopkMerge,
 }
@@ -183,6 +184,7 @@ impl K {
             K::Add => ("elementwise", "add", &[(0, RW), (1, R)], false),
             K::Copy => ("elementwise", "copy", &[(0, RW), (1, R)], false),
             K::StoreKv => ("elementwise", "store_kv", &[(1, R), (3, RW)], false),
+            K::RopeStore => ("elementwise", "rope_store", &[(0, RW), (1, R), (2, R), (3, RW), (4, RW), (5, RW)], false),
             K::TopkPart => ("sample", "part", &[(0, R), (1, RW)], false),
             K::TopkMerge => ("sample", "merge", &[(1, RW), (2, RW)], false),
         }
@@ -545,7 +547,7 @@ impl Wgpu {
             error,
         };
         // Compile the pipelines every model needs now, not in the first decode step.
-        for k in [K::AttnDecode, K::AttnCombine, K::AttnPrefill, K::Rope, K::Swiglu, K::Add, K::Copy, K::StoreKv, K::TopkPart, K::TopkMerge] {
+        for k in [K::AttnDecode, K::AttnCombine, K::AttnPrefill, K::Rope, K::Swiglu, K::Add, K::Copy, K::StoreKv, K::RopeStore, K::TopkPart, K::TopkMerge] {
             w.pipe(k, 0)?;
         }
         Ok(w)
@@ -1022,6 +1024,19 @@ impl Backend for Wgpu {
         let tab = &s.rope.as_ref().expect("made above").2;
         let params = [n as u32, n_heads as u32, head_dim as u32, pos0 as u32, half as u32];
         self.dispatch(K::Rope, 0, &params, &[&x.g, tab], Self::grid(n * n_heads * half), None)
+    }
+
+    fn rope_store_kv(&self, q: &mut WgpuBuf, k: &mut WgpuBuf, v: &WgpuBuf, kc: &mut WgpuKv, vc: &mut WgpuKv, n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> Result<()> {
+        let (hd, kvd) = (s.head_dim, s.kv_dim());
+        if !hd.is_multiple_of(2) || rope.dims > hd || q.len < n * s.q_dim() || k.len < n * kvd || v.len < n * kvd || kc.len < (pos0 + n) * kvd || vc.len < (pos0 + n) * kvd {
+            bail!("rope_store_kv: {n} rows at {pos0} do not fit");
+        }
+        self.rope_table(rope, pos0 + n)?;
+        let sc = self.scratch.lock().unwrap();
+        let tab = &sc.rope.as_ref().expect("made above").2;
+        let params = [n as u32, s.n_head as u32, hd as u32, pos0 as u32, (rope.dims / 2) as u32, s.n_kv_head as u32];
+        let pairs = n * (s.n_head + 2 * s.n_kv_head) * hd / 2;
+        self.dispatch(K::RopeStore, 0, &params, &[&q.g, &v.g, tab, &kc.g, &k.g, &vc.g], Self::grid(pairs), None)
     }
 
     fn copy_rows(&self, src: &WgpuBuf, src_row: usize, dst: &mut WgpuBuf, dst_row: usize, n: usize, width: usize) -> Result<()> {
