@@ -397,7 +397,7 @@ struct Recorder {
     slots: usize,
     arena: Vec<u32>,
     binds: HashMap<(usize, Vec<u64>), Bound>,
-    /// Buffers the GPU may still read that the host has dropped; freed at the next submit.
+    /// The readback buffer, grown as needed; used under the recorder lock only.
     staging: Option<wgpu::Buffer>,
 }
 
