@@ -26,6 +26,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"
 fi
 
+# NVRTC of CUDA 13.0 (the GPU machines' version) from PyPI: every CUDA kernel is compiled
+# here too, GPU or not. The kernels include no CUDA header, so NVRTC is all they need.
+nvrtc_dir="${FLINT_NVRTC_DIR:-$HOME/.cache/flint/nvrtc-13.0.88}"
+if [ ! -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target "$nvrtc_dir" "nvidia-cuda-nvrtc==13.0.88"
+fi
+export LD_LIBRARY_PATH="$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 echo "== building"
 cargo build --release --locked --workspace --all-targets
 
@@ -34,7 +42,8 @@ model=$(./target/release/flint pull | tail -n 1)
 echo "model: $model"
 
 echo "== tests"
-export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1 FLINT_REQUIRE_BROWSER=1 FLINT_REQUIRE_WGPU=1
+export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1 FLINT_REQUIRE_BROWSER=1 FLINT_REQUIRE_WGPU=1 \
+  FLINT_REQUIRE_NVRTC=1
 # Mesa's Vulkan wants a runtime directory (it only warns without one).
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo test --release --locked --workspace -- --nocapture

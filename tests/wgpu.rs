@@ -7,20 +7,10 @@
 
 mod common;
 
-use common::{assert_close, real_model, tiny_model};
-use flint::backend::cpu::{Cpu, CpuMode};
+use common::gpu_ops;
 use flint::backend::wgpu::{shader_source, Wgpu, WgpuOptions, SHADERS};
-use flint::backend::{top_k_host, AttnShape, Backend, Rope};
-use flint::gguf::write::{write_gguf, TensorDecl};
-use flint::gguf::Gguf;
-use flint::quant::{quantize, GgmlType};
-use flint::generate::Request;
-use flint::sampler::SamplerConfig;
-use flint::tokenizer::Message;
-use flint::{BackendKind, Loaded};
-use half::f16;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use flint::backend::Backend;
+use flint::BackendKind;
 use std::sync::OnceLock;
 
 /// One backend per variant the adapter offers: (f16, subgroups) in every combination.
@@ -53,33 +43,6 @@ fn gpus(test: &str) -> &'static [Wgpu] {
     all
 }
 
-fn cpu() -> Cpu {
-    Cpu::new(CpuMode::Exact)
-}
-
-fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
-}
-
-/// A GGUF image holding tensors (name, rows, k, type) of random values.
-fn tensors(specs: &[(&str, usize, usize, GgmlType)], seed: u64) -> Gguf {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let decls: Vec<TensorDecl> =
-        specs.iter().map(|&(name, rows, k, ty)| TensorDecl { name: name.into(), dims: vec![k as u64, rows as u64], ty }).collect();
-    let data: Vec<Vec<f32>> = specs.iter().map(|&(_, rows, k, _)| randn(&mut rng, rows * k, 1.0)).collect();
-    let mut img = Vec::new();
-    write_gguf(&mut img, &[], &decls, |i, out| quantize(specs[i].3, &data[i], out)).unwrap();
-    Gguf::from_bytes(&img).unwrap()
-}
-
-fn upload<B: Backend>(b: &B, data: &[f32]) -> B::Buf {
-    let mut buf = b.alloc(data.len()).unwrap();
-    b.write(&mut buf, 0, data).unwrap();
-    buf
-}
-
-const TYPES: [GgmlType; 6] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
-
 #[test]
 fn every_shader_compiles_in_every_variant() {
     let Some(g) = gpus("every_shader_compiles_in_every_variant").first() else { return };
@@ -97,252 +60,64 @@ fn every_shader_compiles_in_every_variant() {
 #[test]
 fn matmul_matches_reference_on_awkward_shapes() {
     let gs = gpus("matmul_matches_reference_on_awkward_shapes");
-    if gs.is_empty() {
-        return;
-    }
-    let c = cpu();
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    // (rows, k): rows not multiples of any tile; k of one block up to many, and for the float
-    // types rows of 4k values that end mid-block.
-    let mut shapes = vec![(1, 32), (3, 96), (67, 64), (130, 544)];
-    for ty in TYPES {
-        let mut sh = shapes.clone();
-        if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
-            sh.extend([(5, 4), (33, 36), (70, 100)]);
-        }
-        for (i, &(m, k)) in sh.iter().enumerate() {
-            let g0 = tensors(&[("w", m, k, ty)], 10 + i as u64);
-            let t = g0.tensor("w").unwrap();
-            let wc = c.load_weight(&g0, t).unwrap();
-            // n: one token, GEMV batches of 2-16 (4 tokens a z-slice), and the tiled path.
-            for n in [1, 2, 3, 5, 16, 17, 70] {
-                let x = randn(&mut rng, n * k, 1.0);
-                let (xc, mut yc) = (upload(&c, &x), c.alloc(n * m).unwrap());
-                c.matmul(&wc, &xc, n, &mut yc).unwrap();
-                let want = c.read(&yc, 0, n * m).unwrap();
-                for gpu in gs {
-                    let wg = gpu.load_weight(&g0, t).unwrap();
-                    let (xg, mut yg) = (upload(gpu, &x), gpu.alloc(n * m).unwrap());
-                    gpu.matmul(&wg, &xg, n, &mut yg).unwrap();
-                    let got = gpu.read(&yg, 0, n * m).unwrap();
-                    // Same products, summed in another order (and maybe fused): f32 rounding
-                    // of a k-term sum of values of magnitude ~1 is within k * 2^-24 * sum|w x|.
-                    let tol = k as f32 * 6e-8 * 4.0;
-                    assert_close(&format!("{} {ty} m={m} k={k} n={n}", gpu.name()), &got, &want, tol, 1e-5);
-                }
-            }
-        }
-        shapes.truncate(4);
+    if !gs.is_empty() {
+        gpu_ops::matmul_matches_reference_on_awkward_shapes(gs);
     }
 }
 
 #[test]
 fn embed_rmsnorm_and_elementwise_ops_match_reference() {
     let gs = gpus("embed_rmsnorm_and_elementwise_ops_match_reference");
-    if gs.is_empty() {
-        return;
+    if !gs.is_empty() {
+        gpu_ops::embed_rmsnorm_and_elementwise_ops_match_reference(gs);
     }
-    let c = cpu();
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
-    for ty in TYPES {
-        for (vocab, dim) in [(7, 32), (50, 96)] {
-            let g0 = tensors(&[("emb", vocab, dim, ty), ("norm", 1, dim, ty)], 3);
-            let (te, tn) = (g0.tensor("emb").unwrap(), g0.tensor("norm").unwrap());
-            let (ec, nc) = (c.load_weight(&g0, te).unwrap(), c.load_weight(&g0, tn).unwrap());
-            let toks: Vec<u32> = (0..5).map(|i| (i * 3 % vocab) as u32).collect();
-            let mut oc = c.alloc(toks.len() * dim).unwrap();
-            c.embed(&ec, &toks, &mut oc).unwrap();
-            let want_e = c.read(&oc, 0, toks.len() * dim).unwrap();
-            let n = toks.len();
-            let y = randn(&mut rng, n * dim, 2.0);
-            let (mut xc, yc, mut outc) = (upload(&c, &want_e), upload(&c, &y), c.alloc(n * dim).unwrap());
-            c.rmsnorm(&xc, &nc, 1e-5, n, dim, &mut outc).unwrap();
-            let want_n = c.read(&outc, 0, n * dim).unwrap();
-            c.add_rmsnorm(&mut xc, &yc, &nc, 1e-5, n, dim, &mut outc).unwrap();
-            let (want_ax, want_an) = (c.read(&xc, 0, n * dim).unwrap(), c.read(&outc, 0, n * dim).unwrap());
-            for gpu in gs {
-                let name = format!("{} {ty} {vocab}x{dim}", gpu.name());
-                let (eg, ng) = (gpu.load_weight(&g0, te).unwrap(), gpu.load_weight(&g0, tn).unwrap());
-                let mut og = gpu.alloc(n * dim).unwrap();
-                gpu.embed(&eg, &toks, &mut og).unwrap();
-                // Dequantization is the same formula; a fused multiply-add rounds once.
-                assert_close(&format!("embed {name}"), &gpu.read(&og, 0, n * dim).unwrap(), &want_e, 1e-7, 1e-6);
-                let (mut xg, yg, mut outg) = (upload(gpu, &want_e), upload(gpu, &y), gpu.alloc(n * dim).unwrap());
-                gpu.rmsnorm(&xg, &ng, 1e-5, n, dim, &mut outg).unwrap();
-                // A sum of squares in another order, then a square root: a few ulps.
-                assert_close(&format!("rmsnorm {name}"), &gpu.read(&outg, 0, n * dim).unwrap(), &want_n, 1e-6, 1e-5);
-                gpu.add_rmsnorm(&mut xg, &yg, &ng, 1e-5, n, dim, &mut outg).unwrap();
-                assert_eq!(gpu.read(&xg, 0, n * dim).unwrap(), want_ax, "add_rmsnorm's add {name}");
-                assert_close(&format!("add_rmsnorm {name}"), &gpu.read(&outg, 0, n * dim).unwrap(), &want_an, 1e-6, 1e-5);
-            }
-        }
-    }
-    // A token outside the vocabulary is an error, not an out-of-bounds read.
-    let g0 = tensors(&[("emb", 7, 32, GgmlType::Q4_1)], 3);
-    for gpu in gs {
-        let e = gpu.load_weight(&g0, g0.tensor("emb").unwrap()).unwrap();
-        let mut o = gpu.alloc(32).unwrap();
-        assert!(format!("{:#}", gpu.embed(&e, &[7], &mut o).unwrap_err()).contains("outside the vocabulary"));
-    }
-
-    // RoPE (partial rotary dims, long positions), SwiGLU, add, copy_rows.
-    for (n, heads, hd, dims, pos0) in [(1, 9, 64, 64, 0), (3, 3, 64, 32, 7), (5, 2, 16, 16, 130_000)] {
-        let rope = Rope::new(dims, 10_000.0, None);
-        let x = randn(&mut rng, n * heads * hd, 3.0);
-        let mut xc = upload(&c, &x);
-        c.rope(&mut xc, n, heads, hd, pos0, &rope).unwrap();
-        let want = c.read(&xc, 0, x.len()).unwrap();
-        for gpu in gs {
-            let mut xg = upload(gpu, &x);
-            gpu.rope(&mut xg, n, heads, hd, pos0, &rope).unwrap();
-            // The same f64 angles; only a*c - b*s may fuse.
-            assert_close(&format!("rope {} n={n} pos0={pos0}", gpu.name()), &gpu.read(&xg, 0, x.len()).unwrap(), &want, 1e-6, 1e-6);
-        }
-    }
-    for len in [1, 255, 257, 70_001] {
-        let (a, b) = (randn(&mut rng, len, 6.0), randn(&mut rng, len, 2.0));
-        let (mut ac, bc) = (upload(&c, &a), upload(&c, &b));
-        c.swiglu(&mut ac, &bc, len).unwrap();
-        let want_s = c.read(&ac, 0, len).unwrap();
-        let mut ac = upload(&c, &a);
-        c.add(&mut ac, &bc, len).unwrap();
-        let want_a = c.read(&ac, 0, len).unwrap();
-        for gpu in gs {
-            let (mut ag, bg) = (upload(gpu, &a), upload(gpu, &b));
-            gpu.swiglu(&mut ag, &bg, len).unwrap();
-            // exp() is within a few ulps on every GPU (WGSL allows 3 + 2|x| ulps).
-            assert_close(&format!("swiglu {} len={len}", gpu.name()), &gpu.read(&ag, 0, len).unwrap(), &want_s, 1e-6, 2e-5);
-            let mut ag = upload(gpu, &a);
-            gpu.add(&mut ag, &bg, len).unwrap();
-            assert_eq!(gpu.read(&ag, 0, len).unwrap(), want_a, "add {} len={len}", gpu.name());
-        }
-    }
-    let src: Vec<f32> = (0..40).map(|i| i as f32).collect();
-    for gpu in gs {
-        let s = upload(gpu, &src);
-        let mut d = upload(gpu, &[0.5; 24]);
-        gpu.copy_rows(&s, 3, &mut d, 1, 2, 8).unwrap();
-        let got = gpu.read(&d, 0, 24).unwrap();
-        let mut want = vec![0.5; 24];
-        want[8..24].copy_from_slice(&src[24..40]);
-        assert_eq!(got, want, "copy_rows {}", gpu.name());
-    }
-}
-
-/// K/V of `len` rows rounded to f16 first, so that the reference's f32 cache and the GPU's
-/// f16 cache hold the same values and only the attention arithmetic differs.
-fn f16_rounded(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    randn(rng, n, 1.0).into_iter().map(|v| f16::from_f32(v).to_f32()).collect()
 }
 
 #[test]
 fn attention_matches_reference_decode_and_prefill() {
     let gs = gpus("attention_matches_reference_decode_and_prefill");
-    if gs.is_empty() {
-        return;
+    if !gs.is_empty() {
+        gpu_ops::attention_matches_reference_decode_and_prefill(gs, &|g: &Wgpu, cap| g.set_partials_cap(cap));
     }
-    let c = cpu();
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    // (n_head, n_kv_head, head_dim) x (rows, pos0): one row (decode), a few (batched drafts),
-    // more than 16 (the tiled prefill kernel) whose tile ends mid-way; positions from 0 to
-    // several thousand (many key splits).
-    let shapes = [(9, 3, 64), (4, 4, 16), (8, 1, 32), (6, 2, 128)];
-    let cases = [(1, 0), (1, 37), (3, 300), (17, 0), (70, 5), (1, 4100), (20, 1500), (130, 700)];
-    // The longest context (one decode row over 131,072 cached positions), and a prefill batch
-    // whose partials are cut into blocks of rows (a small cap forces it).
-    let long = [((9, 3, 64), (1, 131_071), usize::MAX), ((6, 2, 128), (150, 900), 1 << 16)];
-    let all = shapes.iter().flat_map(|&sh| cases.iter().map(move |&c| (sh, c, usize::MAX))).chain(long);
-    for ((nh, nkv, hd), (n, pos0), cap) in all {
-        for g in gs {
-            g.set_partials_cap(cap);
-        }
-        let s = AttnShape { n_head: nh, n_kv_head: nkv, head_dim: hd };
-        {
-            let len = pos0 + n;
-            let q = randn(&mut rng, n * s.q_dim(), 2.0);
-            let kv_rows = |rng: &mut ChaCha8Rng| f16_rounded(rng, len * s.kv_dim());
-            let (k, v) = (kv_rows(&mut rng), kv_rows(&mut rng));
-            let run = |b: &dyn Fn(&[f32], &[f32], &[f32]) -> Vec<f32>| b(&q, &k, &v);
-            let want = run(&|q, k, v| attend(&c, q, k, v, n, pos0, s));
-            for gpu in gs {
-                let got = run(&|q, k, v| attend(gpu, q, k, v, n, pos0, s));
-                // Outputs are convex combinations of V (|v| <= 1); the softmax differs by exp()
-                // accuracy and summation order, a few ulps of each weight.
-                assert_close(&format!("attention {} ({nh},{nkv},{hd}) n={n} pos0={pos0}", gpu.name()), &got, &want, 2e-5, 1e-4);
-            }
-        }
-    }
-}
-
-/// Attention of `n` rows at `pos0` over K/V rows `0..pos0+n`, the caches filled through
-/// `store_kv` in two steps (the prefix, then the rows themselves).
-fn attend<B: Backend>(b: &B, q: &[f32], k: &[f32], v: &[f32], n: usize, pos0: usize, s: AttnShape) -> Vec<f32> {
-    let (kvd, len) = (s.kv_dim(), pos0 + n);
-    let (mut kc, mut vc) = (b.alloc_kv(len * kvd).unwrap(), b.alloc_kv(len * kvd).unwrap());
-    let (kb, vb) = (upload(b, k), upload(b, v));
-    let (kt, vt) = (upload(b, &k[pos0 * kvd..]), upload(b, &v[pos0 * kvd..]));
-    if pos0 > 0 {
-        b.store_kv(&kb, &mut kc, 0, pos0, kvd).unwrap();
-        b.store_kv(&vb, &mut vc, 0, pos0, kvd).unwrap();
-    }
-    b.store_kv(&kt, &mut kc, pos0, n, kvd).unwrap();
-    b.store_kv(&vt, &mut vc, pos0, n, kvd).unwrap();
-    let qb = upload(b, q);
-    let mut out = b.alloc(n * s.q_dim()).unwrap();
-    b.attention(&qb, &kc, &vc, &mut out, n, pos0, s).unwrap();
-    b.read(&out, 0, n * s.q_dim()).unwrap()
 }
 
 #[test]
 fn top_k_matches_host_order_with_ties_and_nan() {
     let gs = gpus("top_k_matches_host_order_with_ties_and_nan");
-    if gs.is_empty() {
-        return;
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    for (rows, width) in [(1, 1), (1, 7), (2, 2049), (3, 49_152), (1, 150_000)] {
-        let mut x = randn(&mut rng, rows * width, 10.0);
-        // Ties (quantized values) and NaN.
-        for (i, v) in x.iter_mut().enumerate() {
-            if i % 5 == 0 {
-                *v = (*v).round();
-            }
-            if i % 97 == 3 {
-                *v = f32::NAN;
-            }
-        }
-        for k in [1, 2, 40, 64] {
-            let want: Vec<Vec<(u32, f32)>> = x.chunks(width).map(|r| top_k_host(r, k)).collect();
-            for gpu in gs {
-                let got = gpu.top_k(&upload(gpu, &x), rows, width, k).unwrap();
-                assert_eq!(got, want, "top_k {} rows={rows} width={width} k={k}", gpu.name());
-            }
-        }
+    if !gs.is_empty() {
+        gpu_ops::top_k_matches_host_order_with_ties_and_nan(gs);
     }
 }
 
-/// Whole models: wgpu logits against the reference for every weight type (prefill of a
-/// batch, then single-token steps), in every variant.
+#[test]
+fn fused_matmuls_match_reference() {
+    let gs = gpus("fused_matmuls_match_reference");
+    if !gs.is_empty() {
+        gpu_ops::fused_matmuls_match_reference(gs);
+    }
+}
+
+#[test]
+fn fused_rope_and_kv_store_match_reference() {
+    let gs = gpus("fused_rope_and_kv_store_match_reference");
+    if !gs.is_empty() {
+        gpu_ops::fused_rope_and_kv_store_match_reference(gs);
+    }
+}
+
 #[test]
 fn tiny_models_match_reference_for_every_type() {
     let gs = gpus("tiny_models_match_reference_for_every_type");
-    if gs.is_empty() {
-        return;
+    if !gs.is_empty() {
+        gpu_ops::tiny_models_match_reference_for_every_type(gs.len(), &variant);
     }
-    let prompt = [1u32, 20, 300, 40, 5, 17, 99, 100, 3, 3, 3, 250, 60, 7, 8, 9, 10, 11, 12];
-    for ty in TYPES {
-        let g = Gguf::open(&tiny_model(ty, 64)).unwrap();
-        let want = reference_logits(flint::model::Model::load(cpu(), &g).unwrap(), &prompt);
-        for (i, _) in gs.iter().enumerate() {
-            let gpu = variant(i);
-            let got = reference_logits(flint::model::Model::load(gpu, &g).unwrap(), &prompt);
-            // The KV cache is f16 on the GPU (f32 in the reference): relative error ~2^-11 in
-            // K and V, through a few layers of random weights.
-            let (a, b) = (&got[..], &want[..]);
-            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-            assert!(worst <= 0.01 * scale, "{ty} variant {i}: logits differ by {worst} (scale {scale})");
-        }
+}
+
+#[test]
+fn real_model_greedy_output_equals_reference() {
+    let gs = gpus("real_model_greedy_output_equals_reference");
+    if !gs.is_empty() {
+        gpu_ops::real_model_greedy_output_equals_reference(BackendKind::Wgpu);
     }
 }
 
@@ -350,40 +125,6 @@ fn tiny_models_match_reference_for_every_type() {
 fn variant(i: usize) -> Wgpu {
     let g = &gpus("variant")[i];
     Wgpu::new(&WgpuOptions { adapter: None, f16: g.f16, subgroups: g.subgroups }).unwrap()
-}
-
-/// Prefill all but the last 3 tokens in one batch (all logits), then the last 3 one at a time.
-fn reference_logits<B: Backend>(m: flint::model::Model<B>, prompt: &[u32]) -> Vec<f32> {
-    let m = std::sync::Arc::new(m);
-    let mut r = flint::model::Runner::new(m, 64).unwrap();
-    use flint::model::Forward;
-    let split = prompt.len() - 3;
-    let mut out = r.forward(&prompt[..split], 0, true).unwrap();
-    for (i, &t) in prompt[split..].iter().enumerate() {
-        out.extend(r.forward(&[t], split + i, false).unwrap());
-    }
-    out
-}
-
-#[test]
-fn real_model_greedy_output_equals_reference() {
-    if gpus("real_model_greedy_output_equals_reference").is_empty() {
-        return;
-    }
-    let Some(path) = real_model("real_model_greedy_output_equals_reference") else { return };
-    let l = Loaded::open(&path).unwrap();
-    // The test prompts of tests/real_model.rs.
-    let prompts = ["Write a Python function that checks whether a number is prime.", "List three colors.", "Explain recursion in one sentence."];
-    for p in prompts {
-        let toks = l.tokenizer.chat_tokens(&[Message::new("user", p)]).unwrap();
-        let greedy = |kind| {
-            let mut e = l.engine(kind, toks.len() + 8).unwrap();
-            e.generate(Request::new(toks.clone(), 8, SamplerConfig::greedy()), None).unwrap().finish().unwrap().tokens
-        };
-        let (a, b) = (greedy(BackendKind::Wgpu), greedy(BackendKind::CpuRef));
-        assert_eq!(a, b, "{p:?}: wgpu {:?} vs cpu-ref {:?}", l.tokenizer.decode(&a, false), l.tokenizer.decode(&b, false));
-        eprintln!("{p:?}: {:?}", l.tokenizer.decode(&a, false));
-    }
 }
 
 #[test]
@@ -404,94 +145,3 @@ fn adapter_choice_errors_list_the_adapters() {
     assert_eq!(Wgpu::new(&WgpuOptions { adapter: Some(part), ..Default::default() }).unwrap().adapter().name, listed[0].name);
 }
 
-
-/// The fused paths: Q, K and V in one GEMV (three weights of one type; mixed types fall back),
-/// and gate/up with SwiGLU in one GEMV, against the reference's separate ops.
-#[test]
-fn fused_matmuls_match_reference() {
-    let gs = gpus("fused_matmuls_match_reference");
-    if gs.is_empty() {
-        return;
-    }
-    let c = cpu();
-    let mut rng = ChaCha8Rng::seed_from_u64(6);
-    let k = 96;
-    for (ta, tb) in [(GgmlType::Q4_1, GgmlType::Q4_1), (GgmlType::Q8_0, GgmlType::Q4_0), (GgmlType::F16, GgmlType::F16)] {
-        let g0 = tensors(&[("a", 70, k, ta), ("b", 13, k, tb), ("c", 13, k, tb), ("d", 70, k, ta)], 8);
-        let names = ["a", "b", "c", "d"];
-        let wc: Vec<_> = names.iter().map(|n| c.load_weight(&g0, g0.tensor(n).unwrap()).unwrap()).collect();
-        for n in [1, 3, 6, 20] {
-            let x = randn(&mut rng, n * k, 1.0);
-            let xc = upload(&c, &x);
-            let rows = [70, 13, 13];
-            let mut outs: Vec<_> = rows.iter().map(|&r| c.alloc(n * r).unwrap()).collect();
-            {
-                let mut o: Vec<&mut Vec<f32>> = outs.iter_mut().collect();
-                c.matmul_many(&[&wc[0], &wc[1], &wc[2]], &xc, n, &mut o).unwrap();
-            }
-            let want: Vec<Vec<f32>> = outs.iter().zip(rows).map(|(o, r)| c.read(o, 0, n * r).unwrap()).collect();
-            let (mut gate, mut up) = (c.alloc(n * 70).unwrap(), c.alloc(n * 70).unwrap());
-            c.ffn_gate_up(&wc[0], &wc[3], &xc, n, &mut gate, &mut up, 70).unwrap();
-            let want_ffn = c.read(&gate, 0, n * 70).unwrap();
-            for gpu in gs {
-                let wg: Vec<_> = names.iter().map(|nm| gpu.load_weight(&g0, g0.tensor(nm).unwrap()).unwrap()).collect();
-                let xg = upload(gpu, &x);
-                let mut outs: Vec<_> = rows.iter().map(|&r| gpu.alloc(n * r).unwrap()).collect();
-                {
-                    let mut o: Vec<_> = outs.iter_mut().collect();
-                    gpu.matmul_many(&[&wg[0], &wg[1], &wg[2]], &xg, n, &mut o).unwrap();
-                }
-                for ((o, r), w) in outs.iter().zip(rows).zip(&want) {
-                    // As the single matmul: another summation order.
-                    assert_close(&format!("matmul_many {} {ta}/{tb} n={n}", gpu.name()), &gpu.read(o, 0, n * r).unwrap(), w, k as f32 * 2.4e-7, 1e-5);
-                }
-                let (mut gate, mut up) = (gpu.alloc(n * 70).unwrap(), gpu.alloc(n * 70).unwrap());
-                gpu.ffn_gate_up(&wg[0], &wg[3], &xg, n, &mut gate, &mut up, 70).unwrap();
-                // The products' rounding, then exp() within a few ulps.
-                assert_close(&format!("ffn_gate_up {} {ta} n={n}", gpu.name()), &gpu.read(&gate, 0, n * 70).unwrap(), &want_ffn, k as f32 * 1e-6, 1e-4);
-            }
-        }
-    }
-}
-
-/// RoPE on q and k and the K/V store in one pass, against the reference's separate ops:
-/// q and k exactly as RoPE leaves them, and attention over the stored caches.
-#[test]
-fn fused_rope_and_kv_store_match_reference() {
-    let gs = gpus("fused_rope_and_kv_store_match_reference");
-    if gs.is_empty() {
-        return;
-    }
-    let c = cpu();
-    let mut rng = ChaCha8Rng::seed_from_u64(9);
-    for (nh, nkv, hd, dims, n, pos0) in [(9, 3, 64, 64, 1, 0), (9, 3, 64, 64, 5, 40), (4, 2, 32, 16, 20, 7)] {
-        let s = AttnShape { n_head: nh, n_kv_head: nkv, head_dim: hd };
-        let rope = Rope::new(dims, 10_000.0, None);
-        let (q, k, v) = (randn(&mut rng, n * s.q_dim(), 2.0), randn(&mut rng, n * s.kv_dim(), 1.0), randn(&mut rng, n * s.kv_dim(), 1.0));
-        fn run<B: Backend>(b: &B, q: &[f32], k: &[f32], v: &[f32], n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> [Vec<f32>; 3] {
-            let (mut qb, mut kb, vb) = (upload(b, q), upload(b, k), upload(b, v));
-            let len = (pos0 + n) * s.kv_dim();
-            let (mut kc, mut vc) = (b.alloc_kv(len).unwrap(), b.alloc_kv(len).unwrap());
-            // Positions before pos0 hold zeros: rows of the cache written by the fused op only.
-            let zeros = upload(b, &vec![0.0; len.max(1)]);
-            if pos0 > 0 {
-                b.store_kv(&zeros, &mut kc, 0, pos0, s.kv_dim()).unwrap();
-                b.store_kv(&zeros, &mut vc, 0, pos0, s.kv_dim()).unwrap();
-            }
-            b.rope_store_kv(&mut qb, &mut kb, &vb, &mut kc, &mut vc, n, pos0, s, rope).unwrap();
-            let mut out = b.alloc(n * s.q_dim()).unwrap();
-            b.attention(&qb, &kc, &vc, &mut out, n, pos0, s).unwrap();
-            [b.read(&qb, 0, q.len()).unwrap(), b.read(&kb, 0, k.len()).unwrap(), b.read(&out, 0, n * s.q_dim()).unwrap()]
-        }
-        let want = run(&c, &q, &k, &v, n, pos0, s, &rope);
-        for gpu in gs {
-            let got = run(gpu, &q, &k, &v, n, pos0, s, &rope);
-            let name = format!("{} ({nh},{nkv},{hd}) dims={dims} n={n} pos0={pos0}", gpu.name());
-            // The same f64 angles; only a*c - b*s may fuse.
-            assert_close(&format!("q {name}"), &got[0], &want[0], 1e-6, 1e-6);
-            assert_close(&format!("k {name}"), &got[1], &want[1], 1e-6, 1e-6);
-            // The GPU cache holds K and V in f16 (relative rounding 2^-11), the reference's f32.
-            assert_close(&format!("attention {name}"), &got[2], &want[2], 2e-3, 2e-3);
-        }
-    }
-}

@@ -35,6 +35,8 @@ use std::sync::Arc;
 /// Backends selectable at run time (`--backend`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
+    /// CUDA where a driver, NVRTC and a GPU are found, else the fast CPU path.
+    Auto,
     /// Fast CPU path: quantized SIMD dot products, multi-threaded.
     Cpu,
     /// Exact CPU reference: f32 math on dequantized weights.
@@ -47,11 +49,12 @@ impl std::str::FromStr for BackendKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
+            "auto" => BackendKind::Auto,
             "cpu" => BackendKind::Cpu,
             "cpu-ref" => BackendKind::CpuRef,
             "cuda" => BackendKind::Cuda,
             "wgpu" => BackendKind::Wgpu,
-            other => bail!("unknown backend {other:?} (cpu, cpu-ref, cuda, wgpu)"),
+            other => bail!("unknown backend {other:?} (auto, cpu, cpu-ref, cuda, wgpu)"),
         })
     }
 }
@@ -91,7 +94,21 @@ impl Loaded {
                 let model = Arc::new(Model::load(Cpu::new(mode), &self.gguf)?);
                 Ok(Box::new(Runner::new(model, capacity)?))
             }
-            BackendKind::Cuda => bail!("the cuda backend is not in this build yet; use --backend cpu"),
+            BackendKind::Auto => match self.runner_on(BackendKind::Cuda, capacity, adapter) {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    // Silent where no NVIDIA driver is installed at all; said where one is.
+                    if backend::cuda::driver_available() {
+                        eprintln!("flint: the cuda backend is unavailable ({e:#}); using cpu");
+                    }
+                    self.runner_on(BackendKind::Cpu, capacity, adapter)
+                }
+            },
+            BackendKind::Cuda => {
+                let gpu = backend::cuda::Cuda::new(&Default::default())?;
+                let model = Arc::new(Model::load(gpu, &self.gguf)?);
+                Ok(Box::new(Runner::new(model, capacity)?))
+            }
             BackendKind::Wgpu => {
                 let opts = backend::wgpu::WgpuOptions { adapter: adapter.map(str::to_string), ..Default::default() };
                 let gpu = backend::wgpu::Wgpu::new(&opts)?;

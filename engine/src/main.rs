@@ -130,8 +130,9 @@ struct ModelArgs {
     /// GGUF model (default: the one `flint pull` fetched).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// cpu (fast), cpu-ref (exact f32 reference), cuda, wgpu.
-    #[arg(long, default_value = "cpu")]
+    /// auto (cuda where a GPU is found, else cpu), cpu (fast), cpu-ref (exact f32
+    /// reference), cuda, wgpu.
+    #[arg(long, default_value = "auto")]
     backend: BackendKind,
     /// wgpu adapter: an index or part of a name from `flint adapters` (default:
     /// $FLINT_WGPU_ADAPTER, else the best GPU).

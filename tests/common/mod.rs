@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod gpu_ops;
+
 use flint::quant::GgmlType;
 use flint::synth::Spec;
 use std::path::PathBuf;

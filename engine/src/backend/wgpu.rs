@@ -16,9 +16,9 @@
 //! - Adapter choice: the best GPU (discrete, then integrated, virtual, CPU), or the one
 //!   `FLINT_WGPU_ADAPTER` (or `--adapter`) names by index or by a part of its name.
 
-use super::{AttnShape, Backend, Rope};
+use super::{repack, AttnShape, Backend, Rope};
 use crate::gguf::{Gguf, TensorInfo};
-use crate::quant::{GgmlType, QK};
+use crate::quant::GgmlType;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -326,62 +326,6 @@ pub struct WgpuWeight {
     rows: usize,
     nb: u32,
     sc_off: u32,
-}
-
-/// The type id the shaders switch on, and the tensor repacked into words.
-fn repack(ty: GgmlType, data: &[u8], k: usize, rows: usize) -> Result<(GgmlType, Vec<u32>, u32, u32)> {
-    let nb = k.div_ceil(QK);
-    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let half = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as u32;
-    Ok(match ty {
-        GgmlType::F32 | GgmlType::BF16 => {
-            let mut w = vec![0u32; rows * nb * QK];
-            for r in 0..rows {
-                for i in 0..k {
-                    w[r * nb * QK + i] = if ty == GgmlType::F32 {
-                        word(data, (r * k + i) * 4)
-                    } else {
-                        half(data, (r * k + i) * 2) << 16 // bf16 is the top half of an f32
-                    };
-                }
-            }
-            (GgmlType::F32, w, nb as u32, 0)
-        }
-        GgmlType::F16 => {
-            let mut w = vec![0u32; rows * nb * QK / 2];
-            for r in 0..rows {
-                for i in 0..k {
-                    w[(r * nb * QK + i) / 2] |= half(data, (r * k + i) * 2) << (16 * (i % 2));
-                }
-            }
-            (ty, w, nb as u32, 0)
-        }
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-            let blocks = rows * nb;
-            let (bs, head, qwords) = match ty {
-                GgmlType::Q4_0 => (18, 2, 4),
-                GgmlType::Q4_1 => (20, 4, 4),
-                _ => (34, 2, 8),
-            };
-            let sc_words = if ty == GgmlType::Q4_1 { blocks } else { blocks.div_ceil(2) };
-            let mut w = vec![0u32; blocks * qwords + sc_words];
-            let sc_off = blocks * qwords;
-            for b in 0..blocks {
-                let blk = &data[b * bs..(b + 1) * bs];
-                for q in 0..qwords {
-                    let o = head + 4 * q;
-                    w[b * qwords + q] = u32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
-                }
-                if ty == GgmlType::Q4_1 {
-                    w[sc_off + b] = half(blk, 0) | half(blk, 2) << 16;
-                } else {
-                    w[sc_off + b / 2] |= half(blk, 0) << (16 * (b % 2));
-                }
-            }
-            (ty, w, nb as u32, sc_off as u32)
-        }
-        other => bail!("type {other} is not supported by the wgpu backend (F32, F16, BF16, Q8_0, Q4_0, Q4_1)"),
-    })
 }
 
 /// A cached bind group and weak handles on its buffers.
