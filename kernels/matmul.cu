@@ -39,8 +39,8 @@ __device__ __forceinline__ void matmul_body(const u8* q, const u8* s, int ld, in
 #pragma unroll
             for (int j = 0; j < CH; j++) ws[cc * CH + j][r] = w[j];
         }
-        {
-            const int t = tid >> 3, part = tid & 7; // 64 tokens x 8 parts of 4
+        for (int i = tid; i < MM_BN * 8; i += blockDim.x) {
+            const int t = i >> 3, part = i & 7; // 64 tokens x 8 parts of 4
             const int kk = k0 + part * 4;
             const float* xr = x + (i64)(n0 + t) * k;
             float v[4];

@@ -758,7 +758,12 @@ pub struct CudaWeight {
     /// The scales' address (quantized types), else 0.
     s: u64,
     ty: GgmlType,
-    fns: TypeFns,
+    /// None for vectors (norm weights), which no matmul reads.
+    fns: Option<TypeFns>,
+    /// A one-row tensor's values as f32 (what rmsnorm reads): `mem` itself for F32, else a
+    /// dequantized copy; 0 for matrices.
+    f32v: u64,
+    _f32_copy: Option<Owned>,
     k: usize,
     rows: usize,
     /// Row stride in 16-byte chunks (a chunk is a whole block for the quantized types).
@@ -777,6 +782,19 @@ pub struct CudaKv {
     len: usize,
 }
 
+impl CudaWeight {
+    fn fns(&self) -> Result<TypeFns> {
+        self.fns.ok_or_else(|| anyhow!("a {}-value vector is not a matrix", self.k))
+    }
+    /// The values of a one-row weight, as rmsnorm reads them.
+    fn vector(&self, dim: usize) -> Result<u64> {
+        if self.f32v == 0 || self.k < dim {
+            bail!("a norm weight must be one row of at least {dim} values, not {}x{}", self.rows, self.k);
+        }
+        Ok(self.f32v)
+    }
+}
+
 fn blocks(n: usize, per: usize) -> Result<u32> {
     u32::try_from(n.div_ceil(per)).map_err(|_| anyhow!("CUDA grid of {n} items is too large"))
 }
@@ -784,7 +802,7 @@ fn blocks(n: usize, per: usize) -> Result<u32> {
 impl Cuda {
     fn gemv(&self, ws: &[&CudaWeight], x: &CudaBuf, n: usize, outs: &[u64], swiglu: bool) -> Result<()> {
         let w0 = ws[0];
-        let f = if n == 1 { w0.fns.gemv1 } else { w0.fns.gemv8 };
+        let f = if n == 1 { w0.fns()?.gemv1 } else { w0.fns()?.gemv8 };
         let mut a: Vec<u64> = Vec::with_capacity(17);
         let mut total = 0;
         for i in 0..3 {
@@ -839,7 +857,7 @@ impl Backend for Cuda {
             repack(GgmlType::F32, bytemuck::cast_slice(&f), k, rows)?
         };
         let inner = &self.inner;
-        let fns = inner.type_fns(ty)?;
+        let fns = if one_d { None } else { Some(inner.type_fns(ty)?) };
         let mem = Owned::new(inner, words.len() * 4)?;
         if !words.is_empty() {
             drv(unsafe { cu::memcpy_htod_async(mem.ptr(), &words, inner.stream) }, "weight upload")?;
@@ -852,7 +870,19 @@ impl Backend for Cuda {
             _ => nb,
         };
         let s = if sc_off > 0 { mem.ptr() + sc_off as u64 * 4 } else { 0 };
-        Ok(CudaWeight { mem, s, ty, fns, k, rows, ld })
+        let (f32v, copy) = match (rows, ty) {
+            (1, GgmlType::F32) => (mem.ptr(), None),
+            (1, _) => {
+                let mut f = vec![0f32; k];
+                crate::quant::dequantize(t.ty, data, &mut f).with_context(|| format!("tensor {:?}", t.name))?;
+                let c = Owned::new(inner, k * 4)?;
+                drv(unsafe { cu::memcpy_htod_async(c.ptr(), &f, inner.stream) }, "weight upload")?;
+                drv(unsafe { cu::stream::synchronize(inner.stream) }, "weight upload")?;
+                (c.ptr(), Some(c))
+            }
+            _ => (0, None),
+        };
+        Ok(CudaWeight { mem, s, ty, fns, f32v, _f32_copy: copy, k, rows, ld })
     }
 
     fn alloc(&self, len: usize) -> Result<CudaBuf> {
@@ -909,17 +939,17 @@ impl Backend for Cuda {
             bail!("embed: the output buffer is too small");
         }
         let t = self.inner.stage(tokens)?;
-        self.inner.launch(table.fns.embed, (tokens.len() as u32, 1, 1), 128, args![table.mem.ptr(), table.s, table.ld, table.k, t, out.mem.ptr()])
+        self.inner.launch(table.fns()?.embed, (tokens.len() as u32, 1, 1), 128, args![table.mem.ptr(), table.s, table.ld, table.k, t, out.mem.ptr()])
     }
 
     fn rmsnorm(&self, x: &CudaBuf, w: &CudaWeight, eps: f32, n: usize, dim: usize, out: &mut CudaBuf) -> Result<()> {
         let f = self.inner.fns.rmsnorm;
-        self.inner.launch(f, (n as u32, 1, 1), 256, args![x.mem.ptr(), 0u64, w.mem.ptr(), eps, dim, out.mem.ptr()])
+        self.inner.launch(f, (n as u32, 1, 1), 256, args![x.mem.ptr(), 0u64, w.vector(dim)?, eps, dim, out.mem.ptr()])
     }
 
     fn add_rmsnorm(&self, x: &mut CudaBuf, y: &CudaBuf, w: &CudaWeight, eps: f32, n: usize, dim: usize, out: &mut CudaBuf) -> Result<()> {
         let f = self.inner.fns.rmsnorm;
-        self.inner.launch(f, (n as u32, 1, 1), 256, args![x.mem.ptr(), y.mem.ptr(), w.mem.ptr(), eps, dim, out.mem.ptr()])
+        self.inner.launch(f, (n as u32, 1, 1), 256, args![x.mem.ptr(), y.mem.ptr(), w.vector(dim)?, eps, dim, out.mem.ptr()])
     }
 
     fn matmul(&self, w: &CudaWeight, x: &CudaBuf, n: usize, out: &mut CudaBuf) -> Result<()> {
@@ -928,7 +958,7 @@ impl Backend for Cuda {
             return self.gemv(&[w], x, n, &[out.mem.ptr()], false);
         }
         self.inner.launch(
-            w.fns.matmul,
+            w.fns()?.matmul,
             (blocks(w.rows, 64)?, blocks(n, 64)?, 1),
             256,
             args![w.mem.ptr(), w.s, w.ld, w.k, x.mem.ptr(), n, out.mem.ptr(), w.rows],
