@@ -159,3 +159,10 @@ fn graph_replay_equals_plain_launches() {
     };
     assert_eq!(run(true), run(false));
 }
+
+#[test]
+fn speculative_greedy_output_equals_plain() {
+    if gpu("speculative_greedy_output_equals_plain").is_some() {
+        gpu_ops::speculative_greedy_output_equals_plain(BackendKind::Cuda);
+    }
+}

@@ -145,3 +145,10 @@ fn adapter_choice_errors_list_the_adapters() {
     assert_eq!(Wgpu::new(&WgpuOptions { adapter: Some(part), ..Default::default() }).unwrap().adapter().name, listed[0].name);
 }
 
+#[test]
+fn speculative_greedy_output_equals_plain() {
+    let gs = gpus("speculative_greedy_output_equals_plain");
+    if !gs.is_empty() {
+        gpu_ops::speculative_greedy_output_equals_plain(BackendKind::Wgpu);
+    }
+}

@@ -381,3 +381,33 @@ pub fn fused_rope_and_kv_store_match_reference<B: Backend>(gs: &[B]) {
         }
     }
 }
+
+/// Speculative decoding on `kind`: greedy output identical to plain decoding on the same
+/// backend, for every draft source (the verification batch runs the prefill path's ops).
+pub fn speculative_greedy_output_equals_plain(kind: BackendKind) {
+    use flint::speculative::SpecConfig;
+    let l = Loaded::open(&tiny_model(GgmlType::Q4_1, 512)).unwrap();
+    let prompt = l.tokenizer.encode("abc abd abc abd abc abd abc", false).unwrap();
+    let mut e = l.engine(kind, 256).unwrap();
+    let run = |e: &mut flint::generate::Engine, spec: Option<SpecConfig>| {
+        let mut r = Request::new(prompt.clone(), 40, SamplerConfig::greedy());
+        r.speculative = spec;
+        e.generate(r, None).unwrap().finish().unwrap()
+    };
+    let plain = run(&mut e, None);
+    let mut wrong = plain.tokens.clone();
+    wrong[5] = 7;
+    let cases = [
+        ("ngram", SpecConfig::ngram()),
+        ("exact prediction", SpecConfig::prediction(plain.tokens.clone())),
+        ("wrong prediction", SpecConfig::prediction(wrong)),
+        ("draft model = target", SpecConfig::model()),
+    ];
+    e.set_draft_model(l.runner(kind, 256).unwrap()).unwrap();
+    for (name, spec) in cases {
+        e.reset();
+        let o = run(&mut e, Some(spec));
+        assert_eq!(o.tokens, plain.tokens, "{kind:?} {name}");
+        eprintln!("{kind:?} {name}: {} forward passes for 40 tokens, {}/{} accepted", o.timings.forward_passes, o.timings.accepted, o.timings.drafted);
+    }
+}

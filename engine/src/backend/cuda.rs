@@ -50,10 +50,14 @@ const TYPES: &[(GgmlType, &str, &str)] = &[
 /// Head sizes the attention kernels are built for.
 pub const HEAD_DIMS: &[usize] = &[64, 80, 96, 128];
 
-/// Decode GEMV up to this many tokens; the tiled GEMM above.
-const GEMV_MAX: usize = 8;
+/// Decode GEMV up to this many tokens (8 at a time), the tiled GEMM above. A GEMV row's
+/// sum does not depend on the batch, nor does decode attention's (its splits depend on the
+/// cache's capacity only): a speculative verification batch (up to 17 tokens) gives each
+/// row the logits of a single-token step bit for bit, so greedy output is identical with
+/// and without speculation.
+const GEMV_MAX: usize = 32;
 /// Split-KV decode attention up to this many query rows; the tiled prefill kernel above.
-const DECODE_ATTN_MAX: usize = 16;
+const DECODE_ATTN_MAX: usize = 32;
 /// Values a `topk_part` block sorts (TOPK_CHUNK in sample.cu), and an `argmax_part` block's.
 const TOPK_CHUNK: usize = 2048;
 const ARGMAX_CHUNK: usize = 4096;
