@@ -175,8 +175,31 @@ pub fn compile(unit: &Unit, arch: &str) -> Result<Vec<u8>> {
     out
 }
 
+/// CUBINs compiled ahead by [`precompile`], taken by the first load.
+static AHEAD: Mutex<Vec<(Unit, String, Vec<u8>)>> = Mutex::new(Vec::new());
+
+/// Compile `units` in parallel (NVRTC is single-threaded per program) ahead of their loads;
+/// a failure here resurfaces, with its log, at the load.
+fn precompile(units: &[Unit], arch: &str) {
+    std::thread::scope(|s| {
+        for u in units {
+            s.spawn(move || {
+                if let Ok(bin) = compile_cached(u, arch) {
+                    AHEAD.lock().unwrap_or_else(|e| e.into_inner()).push((u.clone(), arch.to_string(), bin));
+                }
+            });
+        }
+    });
+}
+
 /// `compile`, through the on-disk cache.
 fn compile_cached(unit: &Unit, arch: &str) -> Result<Vec<u8>> {
+    {
+        let mut ahead = AHEAD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = ahead.iter().position(|(u, a, _)| u == unit && a == arch) {
+            return Ok(ahead.swap_remove(i).2);
+        }
+    }
     use sha2::Digest;
     let ver = nvrtc_version()?;
     let mut h = sha2::Sha256::new();
@@ -290,8 +313,9 @@ struct Recorder {
     step: Vec<u32>,
     arena: Mem,
     graphs: Vec<Graph>,
-    /// The key of the last list launched one by one: seen twice in a row, it is captured.
-    last_key: Option<u64>,
+    /// Keys of the lists launched one by one lately: a list seen again is captured (sessions
+    /// that take turns each get their graph).
+    recent: std::collections::VecDeque<u64>,
     /// Buffers dropped while launches may still use them; freed at the next synchronisation.
     deferred: Vec<u64>,
     profiling: bool,
@@ -412,6 +436,10 @@ impl Cuda {
         let stream = drv(cu::stream::create(cu::stream::StreamKind::NonBlocking), "stream")?;
         let graphs = opts.graphs.unwrap_or_else(|| std::env::var("FLINT_CUDA_GRAPHS").map_or(true, |v| v != "0"));
 
+        // The common head sizes' attention compiles while the weights load.
+        let bg = arch.clone();
+        std::thread::spawn(move || precompile(&[Unit::head_dim(64), Unit::head_dim(128)], &bg));
+        precompile(&[Unit::plain("rmsnorm.cu"), Unit::plain("elementwise.cu"), Unit::plain("sample.cu")], &arch);
         let mut modules = HashMap::new();
         let mut funcs = HashMap::new();
         let mut get = |unit: Unit, f: &str| load_fn(&mut modules, &mut funcs, &unit, f, &arch);
@@ -431,7 +459,7 @@ impl Cuda {
             step: Vec::new(),
             arena: alloc_raw(ARENA_WORDS * 4, stream)?,
             graphs: Vec::new(),
-            last_key: None,
+            recent: std::collections::VecDeque::new(),
             deferred: Vec::new(),
             profiling: false,
             profile: HashMap::new(),
@@ -494,6 +522,11 @@ fn load_fn(
 }
 
 impl Inner {
+    /// The recorder (a panic elsewhere leaves it usable: every op leaves it consistent).
+    fn rec(&self) -> std::sync::MutexGuard<'_, Recorder> {
+        self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn bind(&self) -> Result<()> {
         drv(unsafe { cu::ctx::set_current(self.ctx) }, "set context")
     }
@@ -509,6 +542,7 @@ impl Inner {
             return Ok(*f);
         }
         let n = TYPES.iter().find(|t| t.0 == ty).ok_or_else(|| anyhow!("no CUDA kernels for {ty}"))?.1;
+        precompile(&[Unit::typed("gemv.cu", ty)?, Unit::typed("matmul.cu", ty)?, Unit::typed("embed.cu", ty)?], &self.arch);
         let f = TypeFns {
             gemv1: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv1_{n}"))?,
             gemv8: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv8_{n}"))?,
@@ -543,14 +577,14 @@ impl Inner {
         if grid.1 > 65_535 || grid.2 > 65_535 {
             bail!("CUDA grid {grid:?} is too large");
         }
-        let mut rec = self.rec.lock().unwrap();
+        let mut rec = self.rec();
         rec.launches.push(Launch { k, grid, block, args });
         Ok(())
     }
 
     /// Stage per-step words; the device address they will have when the launches run.
     fn stage(&self, words: &[u32]) -> Result<u64> {
-        let mut rec = self.rec.lock().unwrap();
+        let mut rec = self.rec();
         if words.len() > ARENA_WORDS {
             bail!("{} per-step values do not fit the arena of {ARENA_WORDS}", words.len());
         }
@@ -607,11 +641,13 @@ impl Inner {
             rec.graphs.insert(0, g);
             return r;
         }
-        if rec.last_key != Some(key) {
-            rec.last_key = Some(key);
+        if !rec.recent.contains(&key) {
+            rec.recent.push_front(key);
+            rec.recent.truncate(MAX_GRAPHS);
             return launches.iter().try_for_each(|l| self.direct(l));
         }
-        // Seen twice in a row: capture it.
+        // Seen before: capture it.
+        rec.recent.retain(|&k| k != key);
         let exec = self.capture(launches)?;
         drv(unsafe { cu::graph::launch(exec, self.stream) }, "graph launch")?;
         rec.graphs.insert(0, Graph { key, launches: launches.to_vec(), exec });
@@ -676,14 +712,14 @@ impl Inner {
 
     fn defer_free(&self, ptr: u64) {
         if ptr != 0 {
-            self.rec.lock().unwrap().deferred.push(ptr);
+            self.rec().deferred.push(ptr);
         }
     }
 
     /// Grow scratch `m` (chosen by `pick`) to at least `bytes`; the old one is freed once
     /// launches recorded before no longer need it.
     fn scratch(&self, pick: fn(&mut Recorder) -> &mut Mem, bytes: usize) -> Result<u64> {
-        let mut rec = self.rec.lock().unwrap();
+        let mut rec = self.rec();
         let cur = pick(&mut rec);
         if cur.bytes < bytes {
             let new = alloc_raw(bytes.next_power_of_two(), self.stream)?;
@@ -896,7 +932,7 @@ impl Backend for Cuda {
     fn grow(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
         if len > buf.len {
             let new = self.alloc(len)?;
-            let mut rec = self.inner.rec.lock().unwrap();
+            let mut rec = self.inner.rec();
             self.inner.flush(&mut rec)?;
             if buf.len > 0 {
                 drv(unsafe { cu::memcpy_dtod_async(new.mem.ptr(), buf.mem.ptr(), buf.len * 4, self.inner.stream) }, "copy")?;
@@ -915,7 +951,7 @@ impl Backend for Cuda {
     fn grow_kv(&self, kv: &mut CudaKv, len: usize) -> Result<()> {
         if len > kv.len {
             let new = self.alloc_kv(len)?;
-            let mut rec = self.inner.rec.lock().unwrap();
+            let mut rec = self.inner.rec();
             self.inner.flush(&mut rec)?;
             if kv.len > 0 {
                 drv(unsafe { cu::memcpy_dtod_async(new.mem.ptr(), kv.mem.ptr(), kv.len * 2, self.inner.stream) }, "copy")?;
@@ -1084,7 +1120,7 @@ impl Backend for Cuda {
             bail!("write of {} values at {offset} past a buffer of {}", data.len(), buf.len);
         }
         self.inner.bind()?;
-        let mut rec = self.inner.rec.lock().unwrap();
+        let mut rec = self.inner.rec();
         self.inner.flush(&mut rec)?;
         if !data.is_empty() {
             drv(unsafe { cu::memcpy_htod_async(buf.mem.ptr() + offset as u64 * 4, data, self.inner.stream) }, "upload")?;
@@ -1097,7 +1133,7 @@ impl Backend for Cuda {
             bail!("read of {len} values at {offset} past a buffer of {}", x.len);
         }
         self.inner.bind()?;
-        let mut rec = self.inner.rec.lock().unwrap();
+        let mut rec = self.inner.rec();
         self.inner.flush(&mut rec)?;
         let mut v = vec![0f32; len];
         if len > 0 {
@@ -1125,7 +1161,7 @@ impl Backend for Cuda {
             self.inner.launch(fns.topk_part, (chunks as u32, rows as u32, 1), 1024, args![x.mem.ptr(), width, k, cand])?;
         }
         self.inner.bind()?;
-        let mut rec = self.inner.rec.lock().unwrap();
+        let mut rec = self.inner.rec();
         self.inner.flush(&mut rec)?;
         let mut raw = vec![0u32; words];
         drv(unsafe { cu::memcpy_dtoh_async(&mut raw, cand, self.inner.stream) }, "download")?;
@@ -1146,13 +1182,13 @@ impl Backend for Cuda {
 
     fn set_profiling(&self, on: bool) {
         let _ = self.inner.bind();
-        let mut rec = self.inner.rec.lock().unwrap();
+        let mut rec = self.inner.rec();
         let _ = self.inner.flush(&mut rec);
         rec.profiling = on;
     }
 
     fn take_profile(&self) -> Vec<KernelTime> {
-        let mut rec = self.inner.rec.lock().unwrap();
+        let mut rec = self.inner.rec();
         let mut v: Vec<KernelTime> = rec.profile.drain().map(|(k, (calls, s))| KernelTime { kernel: k.to_string(), calls, ms: s * 1e3 }).collect();
         v.sort_by(|a, b| b.ms.total_cmp(&a.ms));
         v
