@@ -72,47 +72,19 @@ fn without_a_driver_cuda_is_a_clear_error_and_auto_falls_back() {
     assert!(r.backend_name().starts_with("cpu"), "{}", r.backend_name());
 }
 
-#[test]
-fn matmul_matches_reference_on_awkward_shapes() {
-    if let Some(g) = gpu("matmul_matches_reference_on_awkward_shapes") {
-        gpu_ops::matmul_matches_reference_on_awkward_shapes(std::slice::from_ref(g));
-    }
+/// The backend as a slice for the shared tests: empty where there is no GPU.
+fn gpus(test: &str) -> &'static [Cuda] {
+    gpu(test).map_or(&[], std::slice::from_ref)
 }
 
-#[test]
-fn embed_rmsnorm_and_elementwise_ops_match_reference() {
-    if let Some(g) = gpu("embed_rmsnorm_and_elementwise_ops_match_reference") {
-        gpu_ops::embed_rmsnorm_and_elementwise_ops_match_reference(std::slice::from_ref(g));
-    }
-}
-
-#[test]
-fn attention_matches_reference_decode_and_prefill() {
-    if let Some(g) = gpu("attention_matches_reference_decode_and_prefill") {
-        // The split-KV partials need no cap on this backend.
-        gpu_ops::attention_matches_reference_decode_and_prefill(std::slice::from_ref(g), &|_, _| {});
-    }
-}
-
-#[test]
-fn top_k_matches_host_order_with_ties_and_nan() {
-    if let Some(g) = gpu("top_k_matches_host_order_with_ties_and_nan") {
-        gpu_ops::top_k_matches_host_order_with_ties_and_nan(std::slice::from_ref(g));
-    }
-}
-
-#[test]
-fn fused_matmuls_match_reference() {
-    if let Some(g) = gpu("fused_matmuls_match_reference") {
-        gpu_ops::fused_matmuls_match_reference(std::slice::from_ref(g));
-    }
-}
-
-#[test]
-fn fused_rope_and_kv_store_match_reference() {
-    if let Some(g) = gpu("fused_rope_and_kv_store_match_reference") {
-        gpu_ops::fused_rope_and_kv_store_match_reference(std::slice::from_ref(g));
-    }
+gpu_op_tests! { gpus;
+    matmul_matches_reference_on_awkward_shapes;
+    embed_rmsnorm_and_elementwise_ops_match_reference;
+    // The split-KV partials need no cap on this backend.
+    attention_matches_reference_decode_and_prefill, &|_: &Cuda, _| {};
+    top_k_matches_host_order_with_ties_and_nan;
+    fused_matmuls_match_reference;
+    fused_rope_and_kv_store_match_reference;
 }
 
 /// Variant 0 replays decode steps as CUDA graphs, variant 1 launches every kernel.

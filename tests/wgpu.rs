@@ -57,52 +57,13 @@ fn every_shader_compiles_in_every_variant() {
     assert!(g.name().starts_with("wgpu ("));
 }
 
-#[test]
-fn matmul_matches_reference_on_awkward_shapes() {
-    let gs = gpus("matmul_matches_reference_on_awkward_shapes");
-    if !gs.is_empty() {
-        gpu_ops::matmul_matches_reference_on_awkward_shapes(gs);
-    }
-}
-
-#[test]
-fn embed_rmsnorm_and_elementwise_ops_match_reference() {
-    let gs = gpus("embed_rmsnorm_and_elementwise_ops_match_reference");
-    if !gs.is_empty() {
-        gpu_ops::embed_rmsnorm_and_elementwise_ops_match_reference(gs);
-    }
-}
-
-#[test]
-fn attention_matches_reference_decode_and_prefill() {
-    let gs = gpus("attention_matches_reference_decode_and_prefill");
-    if !gs.is_empty() {
-        gpu_ops::attention_matches_reference_decode_and_prefill(gs, &|g: &Wgpu, cap| g.set_partials_cap(cap));
-    }
-}
-
-#[test]
-fn top_k_matches_host_order_with_ties_and_nan() {
-    let gs = gpus("top_k_matches_host_order_with_ties_and_nan");
-    if !gs.is_empty() {
-        gpu_ops::top_k_matches_host_order_with_ties_and_nan(gs);
-    }
-}
-
-#[test]
-fn fused_matmuls_match_reference() {
-    let gs = gpus("fused_matmuls_match_reference");
-    if !gs.is_empty() {
-        gpu_ops::fused_matmuls_match_reference(gs);
-    }
-}
-
-#[test]
-fn fused_rope_and_kv_store_match_reference() {
-    let gs = gpus("fused_rope_and_kv_store_match_reference");
-    if !gs.is_empty() {
-        gpu_ops::fused_rope_and_kv_store_match_reference(gs);
-    }
+gpu_op_tests! { gpus;
+    matmul_matches_reference_on_awkward_shapes;
+    embed_rmsnorm_and_elementwise_ops_match_reference;
+    attention_matches_reference_decode_and_prefill, &|g: &Wgpu, cap| g.set_partials_cap(cap);
+    top_k_matches_host_order_with_ties_and_nan;
+    fused_matmuls_match_reference;
+    fused_rope_and_kv_store_match_reference;
 }
 
 #[test]

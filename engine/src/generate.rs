@@ -309,15 +309,31 @@ impl<E: BorrowMut<Engine>> Generation<E> {
         in_sync.then(|| (self.context[n - 1], n - 1))
     }
 
+    /// How many of a batched step's largest logits this generation's sampler needs (see
+    /// [`crate::sampler::Sampler::candidates`]); None: all of them.
+    pub fn batch_candidates(&self) -> Option<usize> {
+        self.sampler.candidates()
+    }
+
     /// The step [`Generation::batch_token`] announced, with the logits its token produced.
     pub fn next_with_logits(&mut self, logits: Vec<f32>) -> Option<Result<Step>> {
+        self.next_with_rows(Rows::Dense(logits))
+    }
+
+    /// As [`Generation::next_with_logits`], with the row's largest logits only (at least
+    /// [`Generation::batch_candidates`] of them, largest first).
+    pub fn next_with_top(&mut self, top: Vec<(u32, f32)>) -> Option<Result<Step>> {
+        self.next_with_rows(Rows::Top(vec![top]))
+    }
+
+    fn next_with_rows(&mut self, rows: Rows) -> Option<Result<Step>> {
         let last = *self.context.last().expect("the context is never empty");
         self.engine.borrow_mut().cached.push(last);
         if self.timings.forward_passes == 0 && !self.prefilled {
             self.timings.cached_tokens = self.context.len() - 1;
         }
         self.timings.forward_passes += 1;
-        if let Err(e) = self.decide(Default::default(), Rows::Dense(logits)) {
+        if let Err(e) = self.decide(Default::default(), rows) {
             self.finish = Some(FinishReason::Cancelled);
             self.flushed = true;
             return Some(Err(e));

@@ -368,6 +368,22 @@ impl<B: Backend> Session<B> {
     /// of that session alone gives, bit for bit, where the backend's matmul is
     /// batch-invariant (the CPU backends' are).
     pub fn forward_multi(&mut self, m: &Model<B>, others: &mut [&mut Session<B>], tokens: &[u32], pos: &[usize]) -> Result<Vec<f32>> {
+        match self.forward_multi_with(m, others, tokens, pos, None)? {
+            Output::Logits(l) => Ok(l),
+            Output::Top(_) => unreachable!("asked for logits"),
+        }
+    }
+
+    /// As [`Session::forward_multi`], but only each row's `k` largest logits come back (see
+    /// [`Backend::top_k`]).
+    pub fn forward_multi_top(&mut self, m: &Model<B>, others: &mut [&mut Session<B>], tokens: &[u32], pos: &[usize], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        match self.forward_multi_with(m, others, tokens, pos, Some(k))? {
+            Output::Top(t) => Ok(t),
+            Output::Logits(_) => unreachable!("asked for the top k"),
+        }
+    }
+
+    fn forward_multi_with(&mut self, m: &Model<B>, others: &mut [&mut Session<B>], tokens: &[u32], pos: &[usize], top: Option<usize>) -> Result<Output> {
         let n = tokens.len();
         if n != others.len() + 1 || pos.len() != n {
             bail!("forward_multi: {n} tokens and {} positions for {} sessions", pos.len(), others.len() + 1);
@@ -401,7 +417,10 @@ impl<B: Backend> Session<B> {
                 self.finish_layer(m, li, n)?;
             }
             b.matmul(m.output.as_ref().unwrap_or(&m.tok_embd), &self.xn, n, &mut self.logits)?;
-            b.read(&self.logits, 0, n * c.n_vocab)
+            Ok(match top {
+                None => Output::Logits(b.read(&self.logits, 0, n * c.n_vocab)?),
+                Some(k) => Output::Top(b.top_k(&self.logits, n, c.n_vocab, k)?),
+            })
         })
     }
 }
@@ -428,6 +447,8 @@ pub trait Forward: Send {
     /// pass: token `tokens[i]` at position `pos[i]`, row 0 being `self`. Returns the rows'
     /// logits. See [`Session::forward_multi`].
     fn forward_multi(&mut self, others: &mut [&mut dyn Forward], tokens: &[u32], pos: &[usize]) -> Result<Vec<f32>>;
+    /// As [`Forward::forward_multi`], each row's `k` largest (token, logit) pairs only.
+    fn forward_multi_top(&mut self, others: &mut [&mut dyn Forward], tokens: &[u32], pos: &[usize], k: usize) -> Result<Vec<Vec<(u32, f32)>>>;
     fn as_any(&mut self) -> &mut dyn std::any::Any;
     /// Start (`true`) or stop timing every kernel; returns the times gathered so far and
     /// resets them (empty where the backend keeps none).
@@ -466,14 +487,12 @@ impl<B: Backend + 'static> Forward for Runner<B> {
         Ok(Box::new(Runner::new(self.model.clone(), capacity)?))
     }
     fn forward_multi(&mut self, others: &mut [&mut dyn Forward], tokens: &[u32], pos: &[usize]) -> Result<Vec<f32>> {
-        let mut sessions = Vec::with_capacity(others.len());
-        for o in others.iter_mut() {
-            match o.as_any().downcast_mut::<Runner<B>>() {
-                Some(r) if Arc::ptr_eq(&r.model, &self.model) => sessions.push(&mut r.session),
-                _ => bail!("forward_multi: every session must be a fork of the same model"),
-            }
-        }
-        self.session.forward_multi(&self.model, &mut sessions, tokens, pos)
+        let model = self.model.clone();
+        self.session.forward_multi(&model, &mut sessions_of(&model, others)?, tokens, pos)
+    }
+    fn forward_multi_top(&mut self, others: &mut [&mut dyn Forward], tokens: &[u32], pos: &[usize], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let model = self.model.clone();
+        self.session.forward_multi_top(&model, &mut sessions_of(&model, others)?, tokens, pos, k)
     }
     fn as_any(&mut self) -> &mut dyn std::any::Any {
         self
@@ -483,4 +502,16 @@ impl<B: Backend + 'static> Forward for Runner<B> {
         self.model.backend.set_profiling(on);
         t
     }
+}
+
+/// The sessions of `others`, each a fork of `model`.
+fn sessions_of<'a, B: Backend>(model: &Arc<Model<B>>, others: &'a mut [&mut dyn Forward]) -> Result<Vec<&'a mut Session<B>>> {
+    let mut sessions = Vec::with_capacity(others.len());
+    for o in others.iter_mut() {
+        match o.as_any().downcast_mut::<Runner<B>>() {
+            Some(r) if Arc::ptr_eq(&r.model, model) => sessions.push(&mut r.session),
+            _ => bail!("forward_multi: every session must be a fork of the same model"),
+        }
+    }
+    Ok(sessions)
 }

@@ -3,6 +3,21 @@
 //! `tests/cuda.rs` call them with their backends.
 #![allow(dead_code)]
 
+/// One `#[test]` per shared test that takes the backends: `$gpus(name)` gives them, empty
+/// where there are none (it says that the test skipped).
+#[macro_export]
+macro_rules! gpu_op_tests {
+    ($gpus:expr; $($name:ident $(, $arg:expr)?);* $(;)?) => {$(
+        #[test]
+        fn $name() {
+            let gs = $gpus(stringify!($name));
+            if !gs.is_empty() {
+                common::gpu_ops::$name(gs $(, $arg)?);
+            }
+        }
+    )*};
+}
+
 use super::{assert_close, real_model, tiny_model};
 use flint::backend::cpu::{Cpu, CpuMode};
 use flint::backend::{top_k_host, AttnShape, Backend, Rope};

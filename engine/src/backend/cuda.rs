@@ -710,6 +710,17 @@ impl Inner {
         Ok(())
     }
 
+    /// Copy the first `bytes` of `src` to `dst` once everything recorded so far has run (a
+    /// buffer that grows keeps what earlier ops wrote).
+    fn copy_after_recorded(&self, dst: &Owned, src: &Owned, bytes: usize) -> Result<()> {
+        let mut rec = self.rec();
+        self.flush(&mut rec)?;
+        if bytes > 0 {
+            drv(unsafe { cu::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream) }, "copy")?;
+        }
+        Ok(())
+    }
+
     fn defer_free(&self, ptr: u64) {
         if ptr != 0 {
             self.rec().deferred.push(ptr);
@@ -932,12 +943,7 @@ impl Backend for Cuda {
     fn grow(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
         if len > buf.len {
             let new = self.alloc(len)?;
-            let mut rec = self.inner.rec();
-            self.inner.flush(&mut rec)?;
-            if buf.len > 0 {
-                drv(unsafe { cu::memcpy_dtod_async(new.mem.ptr(), buf.mem.ptr(), buf.len * 4, self.inner.stream) }, "copy")?;
-            }
-            drop(rec);
+            self.inner.copy_after_recorded(&new.mem, &buf.mem, buf.len * 4)?;
             *buf = new;
         }
         Ok(())
@@ -951,12 +957,7 @@ impl Backend for Cuda {
     fn grow_kv(&self, kv: &mut CudaKv, len: usize) -> Result<()> {
         if len > kv.len {
             let new = self.alloc_kv(len)?;
-            let mut rec = self.inner.rec();
-            self.inner.flush(&mut rec)?;
-            if kv.len > 0 {
-                drv(unsafe { cu::memcpy_dtod_async(new.mem.ptr(), kv.mem.ptr(), kv.len * 2, self.inner.stream) }, "copy")?;
-            }
-            drop(rec);
+            self.inner.copy_after_recorded(&new.mem, &kv.mem, kv.len * 2)?;
             *kv = new;
         }
         Ok(())

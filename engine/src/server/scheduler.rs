@@ -326,16 +326,28 @@ impl Worker {
     fn step_batch(&mut self, mut batch: Vec<Active>) {
         let (tokens, pos): (Vec<u32>, Vec<usize>) = batch.iter().map(|a| a.gen.batch_token().expect("checked")).unzip();
         self.metrics.batch_size.observe(batch.len() as f64);
+        // Each row's largest logits where every sampler of the batch needs no more: a GPU
+        // backend then reads back a few pairs a row, not the vocabulary.
+        let k = batch.iter().map(|a| a.gen.batch_candidates()).collect::<Option<Vec<usize>>>().and_then(|ks| ks.into_iter().max());
         let result = {
             let mut fwds: Vec<&mut dyn Forward> = batch.iter_mut().map(forward_of).collect();
             let (lead, rest) = fwds.split_first_mut().expect("non-empty batch");
-            lead.forward_multi(rest, &tokens, &pos)
+            match k {
+                Some(k) => lead.forward_multi_top(rest, &tokens, &pos, k).map(BatchRows::Top),
+                None => lead.forward_multi(rest, &tokens, &pos).map(BatchRows::Dense),
+            }
         };
         match result {
-            Ok(logits) => {
+            Ok(BatchRows::Dense(logits)) => {
                 let v = logits.len() / batch.len();
                 for (mut a, row) in batch.into_iter().zip(logits.chunks_exact(v)) {
                     let step = a.gen.next_with_logits(row.to_vec());
+                    self.deliver(a, step);
+                }
+            }
+            Ok(BatchRows::Top(top)) => {
+                for (mut a, row) in batch.into_iter().zip(top) {
+                    let step = a.gen.next_with_top(row);
                     self.deliver(a, step);
                 }
             }
@@ -435,4 +447,10 @@ impl Worker {
 
 fn forward_of(a: &mut Active) -> &mut dyn Forward {
     a.gen.engine_mut().fwd.as_mut()
+}
+
+/// What a batched decode step hands back: every row's logits, or each row's largest.
+enum BatchRows {
+    Dense(Vec<f32>),
+    Top(Vec<Vec<(u32, f32)>>),
 }
