@@ -12,7 +12,7 @@
 // 16 query rows of one head and walks 32-key tiles of K and V through shared memory.
 
 #define AT_THREADS 128
-#define AT_MAXG 8
+#define AT_MAXG 4 // query heads a block (a larger GQA group takes several blocks)
 #define AT_MAXSPLIT 256
 
 __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
@@ -65,7 +65,7 @@ __device__ __forceinline__ void attn_decode_body(const float* q, const u16* kc, 
         float a[AT_MAXG];
 #pragma unroll
         for (int j = 0; j < AT_MAXG; j++) a[j] = 0.0f;
-#pragma unroll
+#pragma unroll 2
         for (int c = 0; c < DG; c++) {
             float kf[8];
             unpack8(kp[c], kf);
@@ -124,7 +124,7 @@ __device__ __forceinline__ void attn_decode_body(const float* q, const u16* kc, 
     }
 #pragma unroll
     for (int j = 0; j < AT_MAXG; j++) {
-        if (j >= gl) break; // gl is the same for the whole block
+        if (j >= gl) continue; // gl is the same for the whole block: the barriers agree
         if (kl < KL)
 #pragma unroll
             for (int e = 0; e < 8; e++) red[kl][dg * 8 + e] = acc[j][e];

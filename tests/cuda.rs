@@ -16,18 +16,30 @@ use flint::quant::GgmlType;
 use flint::BackendKind;
 use std::sync::{Arc, OnceLock};
 
-/// The backend, or None (said once per test) where there is no GPU.
-fn gpu(test: &str) -> Option<&'static Cuda> {
-    static GPU: OnceLock<Result<Cuda, String>> = OnceLock::new();
-    let g = GPU.get_or_init(|| Cuda::new(&CudaOptions::default()).map_err(|e| format!("{e:#}")));
+/// The backends (the default one, then prefill GEMMs on CUDA cores instead of tensor
+/// cores), or empty (said once per test) where there is no GPU.
+fn gpus(test: &str) -> &'static [Cuda] {
+    static GPU: OnceLock<Result<Vec<Cuda>, String>> = OnceLock::new();
+    let g = GPU.get_or_init(|| {
+        let first = Cuda::new(&CudaOptions::default()).map_err(|e| format!("{e:#}"))?;
+        let mut v = vec![first];
+        if v[0].mma() {
+            v.push(Cuda::new(&CudaOptions { mma: Some(false), ..Default::default() }).map_err(|e| format!("{e:#}"))?);
+        }
+        Ok(v)
+    });
     match g {
-        Ok(c) => Some(c),
+        Ok(v) => v,
         Err(e) => {
             assert!(std::env::var_os("FLINT_REQUIRE_CUDA").is_none(), "a CUDA GPU is required (FLINT_REQUIRE_CUDA): {e}");
             eprintln!("SKIPPED {test}: no CUDA GPU ({e})");
-            None
+            &[]
         }
     }
+}
+
+fn gpu(test: &str) -> Option<&'static Cuda> {
+    gpus(test).first()
 }
 
 #[test]
@@ -72,11 +84,6 @@ fn without_a_driver_cuda_is_a_clear_error_and_auto_falls_back() {
     assert!(r.backend_name().starts_with("cpu"), "{}", r.backend_name());
 }
 
-/// The backend as a slice for the shared tests: empty where there is no GPU.
-fn gpus(test: &str) -> &'static [Cuda] {
-    gpu(test).map_or(&[], std::slice::from_ref)
-}
-
 gpu_op_tests! { gpus;
     matmul_matches_reference_on_awkward_shapes;
     embed_rmsnorm_and_elementwise_ops_match_reference;
@@ -87,9 +94,10 @@ gpu_op_tests! { gpus;
     fused_rope_and_kv_store_match_reference;
 }
 
-/// Variant 0 replays decode steps as CUDA graphs, variant 1 launches every kernel.
+/// Variant 0 replays decode steps as CUDA graphs, variant 1 launches every kernel on CUDA
+/// cores alone.
 fn variant(i: usize) -> Cuda {
-    Cuda::new(&CudaOptions { device: None, graphs: Some(i == 0) }).unwrap()
+    Cuda::new(&CudaOptions { graphs: Some(i == 0), mma: Some(i == 0), ..Default::default() }).unwrap()
 }
 
 #[test]
@@ -116,7 +124,7 @@ fn graph_replay_equals_plain_launches() {
     let g = flint::gguf::Gguf::open(&common::tiny_model(GgmlType::Q4_1, 512)).unwrap();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % 250) as u32 + 1).collect();
     let run = |graphs: bool| -> Vec<Vec<(u32, f32)>> {
-        let m = Arc::new(Model::load(Cuda::new(&CudaOptions { device: None, graphs: Some(graphs) }).unwrap(), &g).unwrap());
+        let m = Arc::new(Model::load(Cuda::new(&CudaOptions { graphs: Some(graphs), ..Default::default() }).unwrap(), &g).unwrap());
         let mut out = Vec::new();
         for cap in [48, 16] {
             // Capacity 16 grows to 32, 64: the cache moves mid-way.

@@ -74,8 +74,8 @@ pub fn matmul_matches_reference_on_awkward_shapes<B: Backend>(gs: &[B]) {
             let g0 = tensors(&[("w", m, k, ty)], 10 + i as u64);
             let t = g0.tensor("w").unwrap();
             let wc = c.load_weight(&g0, t).unwrap();
-            // n: one token, GEMV batches of 2-16 (4 tokens a z-slice), and the tiled path.
-            for n in [1, 2, 3, 5, 16, 17, 70] {
+            // n: one token, GEMV batches, and the tiled paths (the edges of 64-token tiles).
+            for n in [1, 2, 3, 5, 16, 17, 33, 70, 129] {
                 let x = randn(&mut rng, n * k, 1.0);
                 let (xc, mut yc) = (upload(&c, &x), c.alloc(n * m).unwrap());
                 c.matmul(&wc, &xc, n, &mut yc).unwrap();

@@ -345,6 +345,8 @@ struct TypeFns {
     gemv1: K,
     gemv8: K,
     matmul: K,
+    /// The tensor-core GEMM, where the device and the type have one.
+    mma: Option<K>,
     embed: K,
 }
 
@@ -362,6 +364,7 @@ struct Inner {
     name: String,
     arch: String,
     graphs: bool,
+    mma: bool,
     fns: Fns,
     modules: Mutex<HashMap<Unit, sys::CUmodule>>,
     funcs: Mutex<HashMap<String, K>>,
@@ -391,6 +394,9 @@ pub struct CudaOptions {
     pub device: Option<usize>,
     /// Replay decode steps as CUDA graphs (default: on unless `FLINT_CUDA_GRAPHS=0`).
     pub graphs: Option<bool>,
+    /// Prefill GEMMs on tensor cores where the device has them (compute capability 8.0+)
+    /// (default: on unless `FLINT_CUDA_MMA=0`); else on CUDA cores.
+    pub mma: Option<bool>,
 }
 
 fn alloc_raw(bytes: usize, stream: sys::CUstream) -> Result<Mem> {
@@ -429,12 +435,19 @@ impl Cuda {
             bail!("CUDA device {ordinal} has compute capability {major}.{minor}; Flint's kernels need 7.0 or newer");
         }
         let arch = format!("sm_{major}{minor}");
-        let name = format!("cuda ({}, {arch})", drv(cu::device::get_name(dev), "device name")?);
+        let dev_name = drv(cu::device::get_name(dev), "device name")?;
         // SAFETY: the primary context of a valid device, released in Drop.
         let ctx = drv(unsafe { cu::primary_ctx::retain(dev) }, "context")?;
         drv(unsafe { cu::ctx::set_current(ctx) }, "set context")?;
         let stream = drv(cu::stream::create(cu::stream::StreamKind::NonBlocking), "stream")?;
-        let graphs = opts.graphs.unwrap_or_else(|| std::env::var("FLINT_CUDA_GRAPHS").map_or(true, |v| v != "0"));
+        let on = |o: Option<bool>, var: &str| o.unwrap_or_else(|| std::env::var(var).map_or(true, |v| v != "0"));
+        let graphs = on(opts.graphs, "FLINT_CUDA_GRAPHS");
+        let mma = on(opts.mma, "FLINT_CUDA_MMA") && major >= 8;
+        let name = format!(
+            "cuda ({dev_name}, {arch}{}{})",
+            if graphs { "" } else { ", no graphs" },
+            if mma { "" } else { ", no tensor cores" }
+        );
 
         // The common head sizes' attention compiles while the weights load.
         let bg = arch.clone();
@@ -475,6 +488,7 @@ impl Cuda {
                 name,
                 arch,
                 graphs,
+                mma,
                 fns,
                 modules: Mutex::new(modules),
                 funcs: Mutex::new(funcs),
@@ -490,6 +504,11 @@ impl Cuda {
     /// Whether decode steps replay as CUDA graphs.
     pub fn graphs(&self) -> bool {
         self.inner.graphs
+    }
+
+    /// Whether prefill GEMMs run on tensor cores.
+    pub fn mma(&self) -> bool {
+        self.inner.mma
     }
 }
 
@@ -547,6 +566,8 @@ impl Inner {
             gemv1: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv1_{n}"))?,
             gemv8: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv8_{n}"))?,
             matmul: self.func(Unit::typed("matmul.cu", ty)?, &format!("matmul_{n}"))?,
+            // F32 values are not exact in f16: CUDA cores only.
+            mma: if self.mma && ty != GgmlType::F32 { Some(self.func(Unit::typed("matmul.cu", ty)?, &format!("matmul_mma_{n}"))?) } else { None },
             embed: self.func(Unit::typed("embed.cu", ty)?, &format!("embed_{n}"))?,
         };
         self.types.lock().unwrap().insert(ty.id(), f);
@@ -998,12 +1019,12 @@ impl Backend for Cuda {
         if n <= GEMV_MAX {
             return self.gemv(&[w], x, n, &[out.mem.ptr()], false);
         }
-        self.inner.launch(
-            w.fns()?.matmul,
-            (blocks(w.rows, 64)?, blocks(n, 64)?, 1),
-            256,
-            args![w.mem.ptr(), w.s, w.ld, w.k, x.mem.ptr(), n, out.mem.ptr(), w.rows],
-        )
+        let fns = w.fns()?;
+        let (f, threads) = match fns.mma {
+            Some(mma) => (mma, 128),
+            None => (fns.matmul, 256),
+        };
+        self.inner.launch(f, (blocks(w.rows, 64)?, blocks(n, 64)?, 1), threads, args![w.mem.ptr(), w.s, w.ld, w.k, x.mem.ptr(), n, out.mem.ptr(), w.rows])
     }
 
     fn matmul_many(&self, ws: &[&CudaWeight], x: &CudaBuf, n: usize, outs: &mut [&mut CudaBuf]) -> Result<()> {
@@ -1087,7 +1108,7 @@ impl Backend for Cuda {
         }
         let n_split = cap.div_ceil(split_len);
         let g = s.n_head / s.n_kv_head;
-        let n_sub = g.div_ceil(8);
+        let n_sub = g.div_ceil(4); // AT_MAXG query heads a block
         let (po, pml) = if n_split > 1 {
             let rows = n * s.n_head * n_split;
             (self.inner.scratch(|r| &mut r.part_o, rows * hd * 4)?, self.inner.scratch(|r| &mut r.part_ml, rows * 8)?)
