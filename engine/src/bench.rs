@@ -1,7 +1,8 @@
 //! `flint bench`: prefill and decode throughput, as llama-bench measures them.
 //!
 //! - `pp N`: one forward pass over N prompt tokens from an empty cache.
-//! - `tg N @ dD`: D tokens prefilled (untimed), then N single-token decode steps.
+//! - `tg N @ dD`: D tokens prefilled (untimed), then N single-token decode steps
+//!   (`tg N @ dD*`: the cache left as zeros instead of prefilled, see `skip_prefill`).
 //! - `ttft pN`: a fresh N-token prompt to its first token (prefill and the sampled token).
 //!
 //! Every pass reads back what greedy decoding does: the sampled token, not the logits.
@@ -23,6 +24,9 @@ pub struct BenchResult {
     pub tok_s_max: f64,
     /// Weight bytes read per second while decoding (decode tests only).
     pub weight_gb_s: Option<f64>,
+    /// KV-cache bytes read per second while decoding (f16 K and V of every cached position,
+    /// every layer; decode tests only).
+    pub kv_gb_s: Option<f64>,
     /// Time to the first token (ttft test only).
     pub ttft_ms: Option<f64>,
 }
@@ -34,6 +38,9 @@ pub struct BenchSpec {
     pub gen: usize,
     pub depths: Vec<usize>,
     pub reps: usize,
+    /// Decode at depth D over a cache that was never prefilled (zeros): the same reads and
+    /// arithmetic, without the prefill's time (for very long contexts).
+    pub skip_prefill: bool,
 }
 
 /// Deterministic token ids spread over the vocabulary (not the special tokens at the start).
@@ -52,6 +59,7 @@ fn summarize(test: String, n: usize, depth: usize, mut rates: Vec<f64>, weight_b
         tok_s_min: rates[0],
         tok_s_max: *rates.last().expect("reps >= 1"),
         weight_gb_s: weight_bytes.map(|b| b as f64 * med / 1e9),
+        kv_gb_s: None,
         ttft_ms: None,
     }
 }
@@ -94,7 +102,7 @@ pub fn run(fwd: &mut dyn Forward, spec: &BenchSpec, weight_bytes: u64, mut repor
     for &d in &spec.depths {
         let n = spec.gen;
         fwd.reserve(d + n + 1)?;
-        if d > 0 {
+        if d > 0 && !spec.skip_prefill {
             fwd.forward(&tokens(d, vocab, 2), 0, false)?;
         }
         let mut rates = Vec::new();
@@ -108,8 +116,16 @@ pub fn run(fwd: &mut dyn Forward, spec: &BenchSpec, weight_bytes: u64, mut repor
                 rates.push(n as f64 / t.elapsed().as_secs_f64());
             }
         }
-        let name = if d == 0 { format!("tg{n}") } else { format!("tg{n} @ d{d}") };
-        let res = summarize(name, n, d, rates, Some(weight_bytes));
+        let name = match d {
+            0 => format!("tg{n}"),
+            _ if spec.skip_prefill => format!("tg{n} @ d{d}*"),
+            _ => format!("tg{n} @ d{d}"),
+        };
+        let mut res = summarize(name, n, d, rates, Some(weight_bytes));
+        // Each step reads the K and V rows of every position before it: on average d + n/2.
+        let c = fwd.config();
+        let kv_bytes = 2.0 * c.n_layer as f64 * (d as f64 + n as f64 / 2.0) * (c.n_kv_head * c.head_dim) as f64 * 2.0;
+        res.kv_gb_s = Some(kv_bytes * res.tok_s_median / 1e9);
         report(&res);
         out.push(res);
     }

@@ -115,6 +115,10 @@ enum Cmd {
         /// The device's memory bandwidth in GB/s, to report decode's fraction of it.
         #[arg(long)]
         peak_gb_s: Option<f64>,
+        /// Decode at each depth over a cache left as zeros instead of prefilled (`tgN @ dD*`):
+        /// the same reads, without the prefill's time.
+        #[arg(long)]
+        skip_prefill: bool,
         #[arg(long)]
         json: bool,
     },
@@ -413,7 +417,7 @@ fn run(cmd: Cmd) -> Result<()> {
             eprintln!("flint synth: wrote {} ({preset}, {}) in {:.1} s", path.display(), spec.weight_type, t.elapsed().as_secs_f64());
             out(&format!("{}\n", path.display()));
         }
-        Cmd::Bench { model, prompt, gen, depth, reps, ttft, profile, peak_gb_s, json } => {
+        Cmd::Bench { model, prompt, gen, depth, reps, ttft, profile, peak_gb_s, skip_prefill, json } => {
             let start = std::time::Instant::now();
             let path = model_path(&model.model)?;
             let l = Loaded::open(&path)?;
@@ -436,19 +440,20 @@ fn run(cmd: Cmd) -> Result<()> {
                 if let Some(c) = cold {
                     eprintln!("start to first token ({ttft}-token prompt): {c:.0} ms (loading {load_ms:.0} ms)");
                 }
-                out(&format!("| {:<16} | {:>12} | {:>19} | {:>10} |{}\n", "test", "tok/s", "min .. max", "weight GB/s", if peak_gb_s.is_some() { " of peak |" } else { "" }));
+                out(&format!("| {:<16} | {:>12} | {:>19} | {:>11} | {:>9} |{}\n", "test", "tok/s", "min .. max", "weight GB/s", "KV GB/s", if peak_gb_s.is_some() { " of peak |" } else { "" }));
             }
-            let spec = flint::bench::BenchSpec { prompt: prompt.into_iter().filter(|&p| p > 0).collect(), ttft, gen, depths: depth.clone(), reps };
+            let spec = flint::bench::BenchSpec { prompt: prompt.into_iter().filter(|&p| p > 0).collect(), ttft, gen, depths: depth.clone(), reps, skip_prefill };
             let results = flint::bench::run(fwd.as_mut(), &spec, weight_bytes, |r| {
                 if !json {
                     let bw = r.weight_gb_s.map(|g| format!("{g:.2}")).unwrap_or_default();
+                    let kv = r.kv_gb_s.map(|g| format!("{g:.2}")).unwrap_or_default();
                     let frac = match (r.weight_gb_s, peak_gb_s) {
-                        (Some(g), Some(p)) => format!(" {:>7.1}% |", 100.0 * g / p),
+                        (Some(g), Some(p)) => format!(" {:>7.1}% |", 100.0 * (g + r.kv_gb_s.unwrap_or(0.0)) / p),
                         (None, Some(_)) => format!(" {:>8} |", ""),
                         _ => String::new(),
                     };
                     let t = r.ttft_ms.map(|m| format!("  ({m:.1} ms)")).unwrap_or_default();
-                    out(&format!("| {:<16} | {:>12.1} | {:>8.1} .. {:>8.1} | {:>10} |{frac}{t}\n", r.test, r.tok_s_median, r.tok_s_min, r.tok_s_max, bw));
+                    out(&format!("| {:<16} | {:>12.1} | {:>8.1} .. {:>8.1} | {:>11} | {:>9} |{frac}{t}\n", r.test, r.tok_s_median, r.tok_s_min, r.tok_s_max, bw, kv));
                 }
             })?;
             let kernels = if profile > 0 { flint::bench::profile(fwd.as_mut(), profile, depth.first().copied().unwrap_or(0))? } else { Vec::new() };
