@@ -43,7 +43,7 @@ run)
   cat "$store/m1" "$store/m2" "$store/m3" > "$store/model.gguf"
   echo "$sha  $store/model.gguf" | sha256sum -c -
   out="${OUT:-$store/out}"; mkdir -p "$out"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.csv"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee "$out/gpu.csv" || true
   # NVRTC: the toolkit's, wherever it is.
   nvrtc=$(ldconfig -p | awk '/libnvrtc\.so\.1[23] /{print $NF; exit}')
   [ -n "$nvrtc" ] || nvrtc=$(ls /usr/local/cuda*/lib64/libnvrtc.so.1[23] 2>/dev/null | head -n 1)
