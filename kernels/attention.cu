@@ -5,8 +5,11 @@
 // n_rows); a block takes one split of `split_len` keys of one KV head for up to AT_MAXG of
 // the query heads that share it (GQA: each K/V row is read once for the group). A split
 // past a row's length writes an empty partial. With one split the block normalises and
-// writes `out` itself; else `attn_combine` merges the partials. The grid depends only on
-// the cache's capacity, so a captured graph replays at any position.
+// writes `out` itself. Else, with `counter` given, the last block of a (row, KV-head group)
+// to finish (a device-wide counter says which; it resets it) merges the partials of its
+// query heads; without, `attn_combine` does, as a launch of its own (many splits: it merges
+// all heads in parallel). The grid depends only on the cache's capacity, so a captured
+// graph replays at any position.
 //
 // Prefill (many rows): tiled, online softmax. Grid (ceil(n / 16), n_head); a block holds
 // 16 query rows of one head and walks 32-key tiles of K and V through shared memory.
@@ -26,14 +29,16 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
 
 template <int HD>
 __device__ __forceinline__ void attn_decode_body(const float* q, const u16* kc, const u16* vc, float* out, float* part_o,
-                                                 float* part_ml, const int* posp, int pos_imm, int n_head,
-                                                 int n_kv_head, int n_split, int split_len, float scale) {
+                                                 float* part_ml, int* counter, const int* posp, int pos_imm,
+                                                 int n_head, int n_kv_head, int n_split, int split_len, float scale) {
     const int DG = HD / 8;          // 16-byte groups of a row
     const int KL = AT_THREADS / DG; // keys in flight in the V pass
     __shared__ float qs[AT_MAXG][HD];
     __shared__ float sc[AT_MAXG][AT_MAXSPLIT];
     __shared__ float red[KL][HD];
     __shared__ float ml[AT_MAXG][2];
+    __shared__ float redw[32];
+    __shared__ int is_last;
 
     const int g = n_head / n_kv_head;
     const int n_sub = (g + AT_MAXG - 1) / AT_MAXG;
@@ -53,8 +58,7 @@ __device__ __forceinline__ void attn_decode_body(const float* q, const u16* kc, 
             p[0] = NEG_INF;
             p[1] = 0.0f;
         }
-        return;
-    }
+    } else {
     for (int i = tid; i < gl * HD; i += blockDim.x)
         qs[i / HD][i % HD] = q[(i64)t * q_dim + (i64)(h0 + i / HD) * HD + i % HD] * scale;
     __syncthreads();
@@ -146,6 +150,49 @@ __device__ __forceinline__ void attn_decode_body(const float* q, const u16* kc, 
         }
         __syncthreads();
     }
+    }
+    if (n_split == 1 || !counter) return;
+
+    // The last block of this (row, KV-head group) merges its heads' splits.
+    __threadfence(); // this block's partials are visible device-wide before it counts itself
+    __syncthreads();
+    if (tid == 0) {
+        int* c = counter + (i64)t * gridDim.y + blockIdx.y;
+        is_last = atomicAdd(c, 1) == n_split - 1;
+        if (is_last) *c = 0; // ready for the next launch
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    float* wt = &sc[0][0]; // the host fuses the merge only up to AT_MAXG * AT_MAXSPLIT splits
+    const int P = AT_THREADS / HD, p = tid / HD, d = tid % HD; // P groups of splits a dimension
+    for (int j = 0; j < gl; j++) {
+        const i64 b = (i64)t * n_head + h0 + j;
+        const float* pml = part_ml + b * n_split * 2;
+        float m = NEG_INF;
+        for (int s = tid; s < n_split; s += blockDim.x) m = fmaxf(m, __ldcg(pml + 2 * s));
+        m = block_max(m, redw);
+        float l = 0.0f;
+        for (int s = tid; s < n_split; s += blockDim.x) {
+            const float ms = __ldcg(pml + 2 * s);
+            const float w = ms == NEG_INF ? 0.0f : expf(ms - m);
+            wt[s] = w;
+            l += w * __ldcg(pml + 2 * s + 1);
+        }
+        l = block_sum(l, redw); // ends with a barrier: wt is complete
+        if (p < P) {
+            float o = 0.0f;
+            for (int s = p; s < n_split; s += P) o += wt[s] * __ldcg(part_o + (b * n_split + s) * HD + d);
+            red[p][d] = o;
+        }
+        __syncthreads();
+        if (tid < HD) {
+            float o = 0.0f;
+            for (int r = 0; r < P; r++) o += red[r][tid];
+            out[(i64)t * q_dim + (h0 + j) * HD + tid] = o / l;
+        }
+        __syncthreads();
+    }
 }
 
 // Merge the splits of each (row, head): grid n_rows * n_head, AT_THREADS threads.
@@ -157,16 +204,7 @@ extern "C" __global__ void __launch_bounds__(AT_THREADS)
     const float* ml = part_ml + b * n_split * 2;
     float m = NEG_INF;
     for (int s = threadIdx.x; s < n_split; s += blockDim.x) m = fmaxf(m, ml[2 * s]);
-    // Block max through the sum helper's pattern.
-    {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-        m = warp_max(m);
-        if (lane == 0) red[warp] = m;
-        __syncthreads();
-        m = lane < nw ? red[lane] : NEG_INF;
-        m = warp_max(m);
-        __syncthreads();
-    }
+    m = block_max(m, red);
     float l = 0.0f;
     for (int s = threadIdx.x; s < n_split; s += blockDim.x) {
         const float w = ml[2 * s] == NEG_INF ? 0.0f : expf(ml[2 * s] - m);
@@ -272,10 +310,10 @@ __device__ __forceinline__ void attn_prefill_body(const float* q, const u16* kc,
 #define ATTN(HD)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(AT_THREADS)                                                       \
         attn_decode_##HD(const float* q, const u16* kc, const u16* vc, float* out, float* part_o, float* part_ml,   \
-                         const int* pos, int pos_imm, int n_head, int n_kv_head, int n_split, int split_len,        \
-                         float scale) {                                                                             \
-        attn_decode_body<HD>(q, kc, vc, out, part_o, part_ml, pos, pos_imm, n_head, n_kv_head, n_split, split_len, \
-                             scale);                                                                                \
+                         int* counter, const int* pos, int pos_imm, int n_head, int n_kv_head, int n_split,         \
+                         int split_len, float scale) {                                                              \
+        attn_decode_body<HD>(q, kc, vc, out, part_o, part_ml, counter, pos, pos_imm, n_head, n_kv_head, n_split,   \
+                             split_len, scale);                                                                     \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(PF_BQ * 8)                                                        \
         attn_prefill_##HD(const float* q, const u16* kc, const u16* vc, float* out, const int* pos, int pos_imm,    \

@@ -47,6 +47,18 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return t;
 }
 
+// Max over the block, as block_sum.
+__device__ __forceinline__ float block_max(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : NEG_INF;
+    t = warp_max(t);
+    __syncthreads();
+    return t;
+}
+
 // ---- Weights ---------------------------------------------------------------------------
 // The backend repacks GGUF tensors at load into two arrays per matrix: `q`, the quants (or
 // the values, for float types) row by row, and `s`, the block scales row by row. A "chunk"

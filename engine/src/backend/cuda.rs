@@ -323,6 +323,9 @@ struct Recorder {
     /// Scratch: split-KV partials (values, then (max, sum) pairs) and top-k candidates.
     part_o: Mem,
     part_ml: Mem,
+    /// Decode attention's per-(row, KV-head group) counters of finished splits (zeros
+    /// between launches: the last block resets its own).
+    counters: Mem,
     cand: Mem,
 }
 
@@ -478,6 +481,7 @@ impl Cuda {
             profile: HashMap::new(),
             part_o: Mem { ptr: 0, bytes: 0 },
             part_ml: Mem { ptr: 0, bytes: 0 },
+            counters: Mem { ptr: 0, bytes: 0 },
             cand: Mem { ptr: 0, bytes: 0 },
         };
         Ok(Cuda {
@@ -785,7 +789,7 @@ impl Drop for Inner {
             for g in rec.graphs.drain(..) {
                 let _ = cu::graph::exec_destroy(g.exec);
             }
-            for p in rec.deferred.drain(..).chain([rec.arena.ptr, rec.part_o.ptr, rec.part_ml.ptr, rec.cand.ptr]) {
+            for p in rec.deferred.drain(..).chain([rec.arena.ptr, rec.part_o.ptr, rec.part_ml.ptr, rec.counters.ptr, rec.cand.ptr]) {
                 if p != 0 {
                     let _ = cu::free_sync(p);
                 }
@@ -1109,19 +1113,27 @@ impl Backend for Cuda {
         let n_split = cap.div_ceil(split_len);
         let g = s.n_head / s.n_kv_head;
         let n_sub = g.div_ceil(4); // AT_MAXG query heads a block
-        let (po, pml) = if n_split > 1 {
+        // Up to 64 splits the last block of each group merges them; past that one launch
+        // merges every head's in parallel.
+        let fused = n_split <= 64;
+        let (po, pml, counters) = if n_split > 1 {
             let rows = n * s.n_head * n_split;
-            (self.inner.scratch(|r| &mut r.part_o, rows * hd * 4)?, self.inner.scratch(|r| &mut r.part_ml, rows * 8)?)
+            let groups = n * s.n_kv_head * n_sub;
+            (
+                self.inner.scratch(|r| &mut r.part_o, rows * hd * 4)?,
+                self.inner.scratch(|r| &mut r.part_ml, rows * 8)?,
+                if fused { self.inner.scratch(|r| &mut r.counters, groups * 4)? } else { 0 },
+            )
         } else {
-            (0, 0)
+            (0, 0, 0)
         };
         self.inner.launch(
             fns.decode,
             (n_split as u32, (s.n_kv_head * n_sub) as u32, n as u32),
             128,
-            args![q.mem.ptr(), k.mem.ptr(), v.mem.ptr(), out.mem.ptr(), po, pml, p, 0i32, s.n_head, s.n_kv_head, n_split, split_len, scale],
+            args![q.mem.ptr(), k.mem.ptr(), v.mem.ptr(), out.mem.ptr(), po, pml, counters, p, 0i32, s.n_head, s.n_kv_head, n_split, split_len, scale],
         )?;
-        if n_split > 1 {
+        if n_split > 1 && !fused {
             self.inner.launch(fns.combine, ((n * s.n_head) as u32, 1, 1), 128, args![po, pml, out.mem.ptr(), n_split, hd])?;
         }
         Ok(())
