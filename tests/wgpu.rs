@@ -64,6 +64,7 @@ gpu_op_tests! { gpus;
     top_k_matches_host_order_with_ties_and_nan;
     fused_matmuls_match_reference;
     fused_rope_and_kv_store_match_reference;
+    fused_qkv_rope_store_matches_reference;
 }
 
 #[test]

@@ -322,8 +322,7 @@ impl<B: Backend> Session<B> {
         b.rmsnorm(&self.x, &m.layers[0].attn_norm, c.eps, n, d, &mut self.xn)?;
         for (li, l) in m.layers.iter().enumerate() {
             // Attention block; xn holds the normalised input.
-            b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xn, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
-            b.rope_store_kv(&mut self.q, &mut self.k, &self.v, &mut self.k_cache[li], &mut self.v_cache[li], n, pos0, s, &m.rope)?;
+            b.qkv_rope_store([&l.wq, &l.wk, &l.wv], &self.xn, &mut self.q, &mut self.k, &mut self.v, &mut self.k_cache[li], &mut self.v_cache[li], n, pos0, s, &m.rope)?;
             b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, n, pos0, s)?;
             self.finish_layer(m, li, n)?;
         }

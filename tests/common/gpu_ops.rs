@@ -426,3 +426,51 @@ pub fn speculative_greedy_output_equals_plain(kind: BackendKind) {
         eprintln!("{kind:?} {name}: {} forward passes for 40 tokens, {}/{} accepted", o.timings.forward_passes, o.timings.accepted, o.timings.drafted);
     }
 }
+
+/// Q, K and V with RoPE and the K/V store in one pass ([`Backend::qkv_rope_store`]), against
+/// the reference's separate ops: q and k as RoPE leaves them, v, and attention over the caches.
+pub fn fused_qkv_rope_store_matches_reference<B: Backend>(gs: &[B]) {
+    let c = cpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // (n_head, n_kv_head, head_dim, rope dims, weight type) x (rows, pos0).
+    for (nh, nkv, hd, dims, ty) in [(9, 3, 64, 64, GgmlType::Q4_1), (4, 2, 32, 16, GgmlType::Q8_0), (2, 1, 16, 16, GgmlType::F16)] {
+        let s = AttnShape { n_head: nh, n_kv_head: nkv, head_dim: hd };
+        let k = 96;
+        let g0 = tensors(&[("q", s.q_dim(), k, ty), ("k", s.kv_dim(), k, ty), ("v", s.kv_dim(), k, ty)], 12);
+        let rope = Rope::new(dims, 10_000.0, None);
+        for (n, pos0) in [(1, 0), (1, 300), (5, 40), (20, 7)] {
+            // Small inputs keep q and k near 1, so that the f16 cache's rounding moves the
+            // scores by a few 1e-3 at most (larger ones sharpen the softmax past the bound).
+            let x = randn(&mut rng, n * k, 0.15);
+            fn run<B: Backend>(b: &B, g0: &Gguf, x: &[f32], n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> [Vec<f32>; 4] {
+                let w: Vec<B::Weight> = ["q", "k", "v"].iter().map(|nm| b.load_weight(g0, g0.tensor(nm).unwrap()).unwrap()).collect();
+                let xb = upload(b, x);
+                let (mut q, mut kb, mut vb) = (b.alloc(n * s.q_dim()).unwrap(), b.alloc(n * s.kv_dim()).unwrap(), b.alloc(n * s.kv_dim()).unwrap());
+                let len = (pos0 + n) * s.kv_dim();
+                let (mut kc, mut vc) = (b.alloc_kv(len).unwrap(), b.alloc_kv(len).unwrap());
+                let zeros = upload(b, &vec![0.0; len.max(1)]);
+                if pos0 > 0 {
+                    b.store_kv(&zeros, &mut kc, 0, pos0, s.kv_dim()).unwrap();
+                    b.store_kv(&zeros, &mut vc, 0, pos0, s.kv_dim()).unwrap();
+                }
+                b.qkv_rope_store([&w[0], &w[1], &w[2]], &xb, &mut q, &mut kb, &mut vb, &mut kc, &mut vc, n, pos0, s, rope).unwrap();
+                let mut out = b.alloc(n * s.q_dim()).unwrap();
+                b.attention(&q, &kc, &vc, &mut out, n, pos0, s).unwrap();
+                let r = |buf: &B::Buf, len| b.read(buf, 0, len).unwrap();
+                [r(&q, n * s.q_dim()), r(&kb, n * s.kv_dim()), r(&vb, n * s.kv_dim()), r(&out, n * s.q_dim())]
+            }
+            let want = run(&c, &g0, &x, n, pos0, s, &rope);
+            for gpu in gs {
+                let got = run(gpu, &g0, &x, n, pos0, s, &rope);
+                let name = format!("{} {ty} ({nh},{nkv},{hd}) dims={dims} n={n} pos0={pos0}", gpu.name());
+                // The matmul's summation order (as matmul_matches_reference), then the same f64 angles.
+                let tol = k as f32 * 6e-8 * 4.0;
+                for (i, what) in ["q", "k", "v"].iter().enumerate() {
+                    assert_close(&format!("{what} {name}"), &got[i], &want[i], tol, 1e-5);
+                }
+                // The GPU cache holds K and V in f16 (relative rounding 2^-11), the reference's f32.
+                assert_close(&format!("attention {name}"), &got[3], &want[3], 2e-3, 2e-3);
+            }
+        }
+    }
+}

@@ -347,6 +347,8 @@ struct Fns {
 struct TypeFns {
     gemv1: K,
     gemv8: K,
+    qkv_rope1: K,
+    qkv_rope8: K,
     matmul: K,
     /// The tensor-core GEMM, where the device and the type have one.
     mma: Option<K>,
@@ -569,6 +571,8 @@ impl Inner {
         let f = TypeFns {
             gemv1: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv1_{n}"))?,
             gemv8: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv8_{n}"))?,
+            qkv_rope1: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv_qkv_rope1_{n}"))?,
+            qkv_rope8: self.func(Unit::typed("gemv.cu", ty)?, &format!("gemv_qkv_rope8_{n}"))?,
             matmul: self.func(Unit::typed("matmul.cu", ty)?, &format!("matmul_{n}"))?,
             // F32 values are not exact in f16: CUDA cores only.
             mma: if self.mma && ty != GgmlType::F32 { Some(self.func(Unit::typed("matmul.cu", ty)?, &format!("matmul_mma_{n}"))?) } else { None },
@@ -1074,6 +1078,35 @@ impl Backend for Cuda {
             (n as u32, heads, 1),
             64,
             args![q.mem.ptr(), k.mem.ptr(), v.mem.ptr(), kc.mem.ptr(), vc.mem.ptr(), fr, p, 0i32, s.n_head, s.n_kv_head, s.head_dim, rope.dims],
+        )
+    }
+
+    fn qkv_rope_store(&self, w: [&CudaWeight; 3], x: &CudaBuf, q: &mut CudaBuf, k: &mut CudaBuf, v: &mut CudaBuf, kc: &mut CudaKv, vc: &mut CudaKv, n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> Result<()> {
+        let same = w.iter().all(|m| m.ty == w[0].ty && m.k == w[0].k);
+        let shapes = w[0].rows == s.q_dim() && w[1].rows == s.kv_dim() && w[2].rows == s.kv_dim();
+        if n > GEMV_MAX || !same || !shapes || s.head_dim % 2 != 0 || w[0].fns.is_none() {
+            self.matmul_many(&w, x, n, &mut [&mut *q, &mut *k, &mut *v])?;
+            return self.rope_store_kv(q, k, v, kc, vc, n, pos0, s, rope);
+        }
+        for (m, o) in w.iter().zip([&*q, &*k, &*v]) {
+            self.check_matmul(m, x, n, o)?;
+        }
+        if (pos0 + n) * s.kv_dim() > kc.len.min(vc.len) {
+            bail!("qkv_rope_store: positions {pos0}..{} do not fit the cache", pos0 + n);
+        }
+        let (fr, p) = (self.inner.rope_freq(rope)?, self.inner.pos(pos0)?);
+        let fns = w[0].fns()?;
+        let f = if n == 1 { fns.qkv_rope1 } else { fns.qkv_rope8 };
+        let pairs = (s.q_dim() + 2 * s.kv_dim()) / 2;
+        let (w0, ld, kk) = (w[0], w[0].ld, w[0].k);
+        self.inner.launch(
+            f,
+            (blocks(pairs, 4)?, 1, 1),
+            128,
+            args![
+                w0.mem.ptr(), w0.s, w[1].mem.ptr(), w[1].s, w[2].mem.ptr(), w[2].s, ld, kk, x.mem.ptr(), n,
+                q.mem.ptr(), k.mem.ptr(), v.mem.ptr(), kc.mem.ptr(), vc.mem.ptr(), fr, p, 0i32, s.n_head, s.n_kv_head, s.head_dim, rope.dims
+            ],
         )
     }
 

@@ -93,6 +93,14 @@ pub trait Backend: Send + Sync + 'static {
         self.store_kv(k, kc, pos0, n, s.kv_dim())?;
         self.store_kv(v, vc, pos0, n, s.kv_dim())
     }
+    /// The attention block's first steps: q, k, v = Wq, Wk, Wv times `n` rows of x
+    /// ([`Backend::matmul_many`]), then RoPE and the K/V store ([`Backend::rope_store_kv`]),
+    /// which a backend may run as one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_store(&self, w: [&Self::Weight; 3], x: &Self::Buf, q: &mut Self::Buf, k: &mut Self::Buf, v: &mut Self::Buf, kc: &mut Self::Kv, vc: &mut Self::Kv, n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> Result<()> {
+        self.matmul_many(&w, x, n, &mut [&mut *q, &mut *k, &mut *v])?;
+        self.rope_store_kv(q, k, v, kc, vc, n, pos0, s, rope)
+    }
     /// dst rows `dst_row..dst_row+n` = src rows `src_row..src_row+n`, rows of `width` values.
     fn copy_rows(&self, src: &Self::Buf, src_row: usize, dst: &mut Self::Buf, dst_row: usize, n: usize, width: usize) -> Result<()>;
     /// Causal attention of `n` query rows at positions `pos0..pos0+n` over cache rows `0..pos0+n`.
