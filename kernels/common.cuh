@@ -34,30 +34,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-// `red` is 32 floats of shared memory; the call ends with a barrier so `red` can be reused.
-__device__ __forceinline__ float block_sum(float v, float* red) {
+// Sum or max over the block (blockDim.x a multiple of 32, at most 1024); every thread gets
+// it. `red` is 32 floats of shared memory; the call ends with a barrier so `red` can be
+// reused.
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    float t = lane < nw ? red[lane] : 0.0f;
-    t = warp_sum(t);
+    float t = lane < nw ? red[lane] : (MAX ? NEG_INF : 0.0f);
+    t = MAX ? warp_max(t) : warp_sum(t);
     __syncthreads();
     return t;
 }
-
-// Max over the block, as block_sum.
-__device__ __forceinline__ float block_max(float v, float* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = lane < nw ? red[lane] : NEG_INF;
-    t = warp_max(t);
-    __syncthreads();
-    return t;
-}
+__device__ __forceinline__ float block_sum(float v, float* red) { return block_reduce<false>(v, red); }
+__device__ __forceinline__ float block_max(float v, float* red) { return block_reduce<true>(v, red); }
 
 // ---- Weights ---------------------------------------------------------------------------
 // The backend repacks GGUF tensors at load into two arrays per matrix: `q`, the quants (or

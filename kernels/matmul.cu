@@ -96,6 +96,16 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// A warp's 2 x 4 accumulator tiles of 16 x 8 (4 values a thread each), zeroed.
+__device__ __forceinline__ void zero_tiles(float (&a)[2][4][4]) {
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) a[i][j][e] = 0.0f;
+}
+
 __device__ __forceinline__ u32 pack2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
 
 // Values 16h..16h+15 of block `c` of `row`, as stored (exact in f16), and the block's
@@ -157,12 +167,7 @@ __device__ __forceinline__ void matmul_mma_body(const u8* q, const u8* s, int ld
     const int m0 = blockIdx.x * 64, n0 = blockIdx.y * 64;
     const int nblk = (k + 31) / 32;
     float acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    zero_tiles(acc);
 
     for (int c = 0; c < nblk; c++) {
         {
@@ -203,12 +208,7 @@ __device__ __forceinline__ void matmul_mma_body(const u8* q, const u8* s, int ld
         }
         __syncthreads();
         float p[2][4][4];
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) p[i][j][e] = 0.0f;
+        zero_tiles(p);
 #pragma unroll
         for (int kb = 0; kb < 32; kb += 16) {
             u32 a[2][4];

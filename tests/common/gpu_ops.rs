@@ -371,14 +371,7 @@ pub fn fused_rope_and_kv_store_match_reference<B: Backend>(gs: &[B]) {
         let (q, k, v) = (randn(&mut rng, n * s.q_dim(), 2.0), randn(&mut rng, n * s.kv_dim(), 1.0), randn(&mut rng, n * s.kv_dim(), 1.0));
         fn run<B: Backend>(b: &B, q: &[f32], k: &[f32], v: &[f32], n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> [Vec<f32>; 3] {
             let (mut qb, mut kb, vb) = (upload(b, q), upload(b, k), upload(b, v));
-            let len = (pos0 + n) * s.kv_dim();
-            let (mut kc, mut vc) = (b.alloc_kv(len).unwrap(), b.alloc_kv(len).unwrap());
-            // Positions before pos0 hold zeros: rows of the cache written by the fused op only.
-            let zeros = upload(b, &vec![0.0; len.max(1)]);
-            if pos0 > 0 {
-                b.store_kv(&zeros, &mut kc, 0, pos0, s.kv_dim()).unwrap();
-                b.store_kv(&zeros, &mut vc, 0, pos0, s.kv_dim()).unwrap();
-            }
+            let (mut kc, mut vc) = zero_prefix_caches(b, n, pos0, s);
             b.rope_store_kv(&mut qb, &mut kb, &vb, &mut kc, &mut vc, n, pos0, s, rope).unwrap();
             let mut out = b.alloc(n * s.q_dim()).unwrap();
             b.attention(&qb, &kc, &vc, &mut out, n, pos0, s).unwrap();
@@ -446,13 +439,7 @@ pub fn fused_qkv_rope_store_matches_reference<B: Backend>(gs: &[B]) {
                 let w: Vec<B::Weight> = ["q", "k", "v"].iter().map(|nm| b.load_weight(g0, g0.tensor(nm).unwrap()).unwrap()).collect();
                 let xb = upload(b, x);
                 let (mut q, mut kb, mut vb) = (b.alloc(n * s.q_dim()).unwrap(), b.alloc(n * s.kv_dim()).unwrap(), b.alloc(n * s.kv_dim()).unwrap());
-                let len = (pos0 + n) * s.kv_dim();
-                let (mut kc, mut vc) = (b.alloc_kv(len).unwrap(), b.alloc_kv(len).unwrap());
-                let zeros = upload(b, &vec![0.0; len.max(1)]);
-                if pos0 > 0 {
-                    b.store_kv(&zeros, &mut kc, 0, pos0, s.kv_dim()).unwrap();
-                    b.store_kv(&zeros, &mut vc, 0, pos0, s.kv_dim()).unwrap();
-                }
+                let (mut kc, mut vc) = zero_prefix_caches(b, n, pos0, s);
                 b.qkv_rope_store([&w[0], &w[1], &w[2]], &xb, &mut q, &mut kb, &mut vb, &mut kc, &mut vc, n, pos0, s, rope).unwrap();
                 let mut out = b.alloc(n * s.q_dim()).unwrap();
                 b.attention(&q, &kc, &vc, &mut out, n, pos0, s).unwrap();
@@ -473,4 +460,17 @@ pub fn fused_qkv_rope_store_matches_reference<B: Backend>(gs: &[B]) {
             }
         }
     }
+}
+
+/// K and V caches for positions `0..pos0+n`, the first `pos0` rows zeros: the rest is what
+/// the op under test writes.
+fn zero_prefix_caches<B: Backend>(b: &B, n: usize, pos0: usize, s: AttnShape) -> (B::Kv, B::Kv) {
+    let len = (pos0 + n) * s.kv_dim();
+    let (mut kc, mut vc) = (b.alloc_kv(len).unwrap(), b.alloc_kv(len).unwrap());
+    let zeros = upload(b, &vec![0.0; len.max(1)]);
+    if pos0 > 0 {
+        b.store_kv(&zeros, &mut kc, 0, pos0, s.kv_dim()).unwrap();
+        b.store_kv(&zeros, &mut vc, 0, pos0, s.kv_dim()).unwrap();
+    }
+    (kc, vc)
 }
