@@ -507,11 +507,6 @@ impl Cuda {
         })
     }
 
-    /// Whether decode steps replay as CUDA graphs.
-    pub fn graphs(&self) -> bool {
-        self.inner.graphs
-    }
-
     /// Whether prefill GEMMs run on tensor cores.
     pub fn mma(&self) -> bool {
         self.inner.mma
