@@ -460,6 +460,26 @@ fn terminal_chat_over_the_websocket() {
         .unwrap();
     let mut stdin = c.stdin.take().unwrap();
     let mut err = BufReader::new(c.stderr.take().unwrap());
+    // The answers as they stream: Ctrl-C and the redirect are sent once an answer is under
+    // way (a fixed sleep lost the race on a loaded machine, the answer finishing first or
+    // the signal landing before it began).
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let (out, mut stdout) = (out.clone(), c.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let streaming = |from: usize| {
+        let t = std::time::Instant::now();
+        while out.lock().unwrap().len() <= from {
+            assert!(t.elapsed() < Duration::from_secs(60), "no answer streamed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
     let mut wait_for = |what: &str| {
         let mut seen = String::new();
         loop {
@@ -473,13 +493,15 @@ fn terminal_chat_over_the_websocket() {
     };
     wait_for("connected to");
     // Ctrl-C during an answer stops it; the client goes on.
+    let seen = out.lock().unwrap().len();
     writeln!(stdin, "tell me everything").unwrap();
-    std::thread::sleep(Duration::from_millis(30));
+    streaming(seen);
     unsafe_kill(c.id(), "INT");
     wait_for("[cancelled");
     // A line typed while the answer streams redirects it.
+    let seen = out.lock().unwrap().len();
     writeln!(stdin, "first question").unwrap();
-    std::thread::sleep(Duration::from_millis(30));
+    streaming(seen);
     writeln!(stdin, "second thoughts").unwrap();
     wait_for("[redirected ·");
     wait_for(" prompt tokens cached]");
@@ -487,9 +509,8 @@ fn terminal_chat_over_the_websocket() {
     drop(stdin);
     let st = c.wait().unwrap();
     assert!(st.success(), "{st}");
-    let mut out = String::new();
-    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    assert!(!out.is_empty(), "answers were printed");
+    reader.join().unwrap();
+    assert!(!out.lock().unwrap().is_empty(), "answers were printed");
 }
 
 /// Backpressure in the engine thread: a generation whose client does not read stops at its
