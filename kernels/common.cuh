@@ -1,6 +1,6 @@
 // Shared by every kernel (the backend compiles this file first, then the .cu files, as one
 // NVRTC program). No CUDA header is included: f16 goes through PTX `cvt`, so NVRTC alone
-// compiles the kernels.
+// compiles the kernels (or the simulator's, with its own header in front).
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -9,6 +9,13 @@ typedef long long i64;
 
 #define NEG_INF (__int_as_float(0xff800000))
 
+// The three inline-PTX sites, behind named functions: the CUDA simulator (cudasim/sim.h,
+// which defines FLINT_SIM) supplies its own, bit-exact f16 conversions and a per-warp mma.
+#ifdef FLINT_SIM
+__device__ __forceinline__ float h2f(u16 h) { return __flint_h2f(h); }
+__device__ __forceinline__ u16 f2h(float f) { return __flint_f2h(f); }
+__device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) { __flint_mma_16816(c, a, b, c); }
+#else
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -21,6 +28,15 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+
+// c += a * b on tensor cores for the warp (sm_80+): m16n8k16, A row-major and B
+// column-major f16 fragments, f32 accumulators, in the PTX fragment layout.
+__device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

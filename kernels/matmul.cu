@@ -90,12 +90,6 @@ FLINT_TYPES(MATMUL)
 
 #define MMA_LD 40 // halves a shared-memory row: 32 + 8 of padding (conflict-free fragments)
 
-__device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // A warp's 2 x 4 accumulator tiles of 16 x 8 (4 values a thread each), zeroed.
 __device__ __forceinline__ void zero_tiles(float (&a)[2][4][4]) {
 #pragma unroll

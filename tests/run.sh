@@ -11,11 +11,12 @@ echo "== installing test dependencies"
 # real clients the server tests drive).
 python3 -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" "numpy>=1.26" \
   "openai>=1.50" "websockets>=12" "selenium>=4.20"
-# Debian packages: headless Chromium and its driver (the browser page's test); Verilator,
+# Debian packages: g++ (the CUDA simulator's NVRTC compiles kernels with it); headless
+# Chromium and its driver (the browser page's test); Verilator,
 # Icarus Verilog and yosys (the HDL benches and synthesis); the Vulkan loader and Mesa's
 # software Vulkan driver, llvmpipe (the wgpu backend's tests run on it for real).
 need=()
-for p in chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver verilator:/usr/bin/verilator \
+for p in g++:/usr/bin/g++ chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver verilator:/usr/bin/verilator \
          iverilog:/usr/bin/iverilog yosys:/usr/bin/yosys libvulkan1:/usr/lib/$(uname -m)-linux-gnu/libvulkan.so.1 \
          mesa-vulkan-drivers:/usr/share/vulkan/icd.d/lvp_icd.$(uname -m).json; do
   [ -e "${p#*:}" ] || need+=("${p%%:*}")
@@ -47,6 +48,17 @@ export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1 FLINT_REQUI
 # Mesa's Vulkan wants a runtime directory (it only warns without one).
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo test --release --locked --workspace -- --nocapture
+
+echo "== the CUDA backend on the CUDA simulator (cudasim/): every CUDA test, required, on a fixed seed"
+# Kernels compile with g++ once (cached in ~/.cache/flint/cuda-sim/); the real NVRTC's compile
+# test above stays as it is.
+FLINT_CUDA_SIM=1 FLINT_REQUIRE_CUDA=1 FLINT_CUDA_SIM_SEED=1 cargo test --release --locked --test cuda --test cudasim -- --nocapture
+
+echo "== the simulator's tests and the kernel op tests on more schedules (seeds)"
+for seed in 2 3; do
+  FLINT_CUDA_SIM=1 FLINT_REQUIRE_CUDA=1 FLINT_CUDA_SIM_SEED=$seed cargo test --release --locked --test cudasim --test cuda -- --nocapture \
+    barriers shuffles atomics dynamic mma graphs matmul_matches attention_matches top_k fused
+done
 
 echo "== HDL benches (Verilator and Icarus, bit-exact against the golden model) and synthesis"
 make -C hdl test MODEL="$model" FLINT="$PWD/target/release/flint"

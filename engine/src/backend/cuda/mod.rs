@@ -25,16 +25,19 @@ use std::ffi::{c_void, CString};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+mod sim;
+pub use sim::active as simulated;
+
 /// The kernel sources, compiled as `common.cuh` followed by one file.
 pub const SOURCES: &[(&str, &str)] = &[
-    ("common.cuh", include_str!("../../../kernels/common.cuh")),
-    ("embed.cu", include_str!("../../../kernels/embed.cu")),
-    ("rmsnorm.cu", include_str!("../../../kernels/rmsnorm.cu")),
-    ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
-    ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
-    ("attention.cu", include_str!("../../../kernels/attention.cu")),
-    ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
-    ("sample.cu", include_str!("../../../kernels/sample.cu")),
+    ("common.cuh", include_str!("../../../../kernels/common.cuh")),
+    ("embed.cu", include_str!("../../../../kernels/embed.cu")),
+    ("rmsnorm.cu", include_str!("../../../../kernels/rmsnorm.cu")),
+    ("gemv.cu", include_str!("../../../../kernels/gemv.cu")),
+    ("matmul.cu", include_str!("../../../../kernels/matmul.cu")),
+    ("attention.cu", include_str!("../../../../kernels/attention.cu")),
+    ("elementwise.cu", include_str!("../../../../kernels/elementwise.cu")),
+    ("sample.cu", include_str!("../../../../kernels/sample.cu")),
 ];
 
 /// Weight types the kernels read, by their name in kernel names (`gemv1_q4_1`) and the
@@ -116,18 +119,25 @@ impl Unit {
 
 /// Whether NVRTC (libnvrtc) can be loaded: all that compiling the kernels needs.
 pub fn nvrtc_available() -> bool {
+    if sim::ensure().is_err() {
+        return false;
+    }
     // SAFETY: only tries to open the library.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
 /// Whether the CUDA driver library (libcuda) can be loaded.
 pub fn driver_available() -> bool {
+    if sim::ensure().is_err() {
+        return false;
+    }
     // SAFETY: only tries to open the library.
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
 /// NVRTC's version, (major, minor).
 pub fn nvrtc_version() -> Result<(i32, i32)> {
+    sim::ensure()?;
     if !nvrtc_available() {
         bail!("NVRTC (libnvrtc.so) was not found: install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH");
     }
@@ -200,6 +210,10 @@ fn compile_cached(unit: &Unit, arch: &str) -> Result<Vec<u8>> {
             return Ok(ahead.swap_remove(i).2);
         }
     }
+    if sim::active() {
+        // The simulator's NVRTC keeps its own cache (its units are host code).
+        return compile(unit, arch);
+    }
     use sha2::Digest;
     let ver = nvrtc_version()?;
     let mut h = sha2::Sha256::new();
@@ -223,7 +237,10 @@ fn compile_cached(unit: &Unit, arch: &str) -> Result<Vec<u8>> {
 }
 
 fn drv<T>(r: std::result::Result<T, cu::DriverError>, what: &str) -> Result<T> {
-    r.map_err(|e| anyhow!("CUDA {what}: {e}"))
+    r.map_err(|e| match sim::last_error().filter(|_| sim::active()) {
+        Some(m) => anyhow!("CUDA {what}: {e}: {m}"),
+        None => anyhow!("CUDA {what}: {e}"),
+    })
 }
 
 /// A loaded kernel and its name (for errors and profiles).
@@ -231,6 +248,9 @@ fn drv<T>(r: std::result::Result<T, cu::DriverError>, what: &str) -> Result<T> {
 struct K {
     f: sys::CUfunction,
     name: &'static str,
+    /// The kernel's parameter sizes, from the driver (`cuFuncGetParamInfo`, CUDA 12.4+;
+    /// empty where the driver cannot say): every launch is checked against them.
+    params: &'static [usize],
 }
 
 // SAFETY: a CUfunction is a handle into a module that lives as long as the backend; the
@@ -416,6 +436,7 @@ fn alloc_raw(bytes: usize, stream: sys::CUstream) -> Result<Mem> {
 
 impl Cuda {
     pub fn new(opts: &CudaOptions) -> Result<Self> {
+        sim::ensure()?;
         if !driver_available() {
             bail!("no CUDA driver: libcuda.so was not found (the cuda backend needs an NVIDIA GPU and its driver)");
         }
@@ -536,9 +557,24 @@ fn load_fn(
     };
     let f = drv(unsafe { cu::module::get_function(module, CString::new(name).expect("no NUL")) }, &format!("kernel {name}"))?;
     // Kernel names are few and live as long as the process: leak them for &'static.
-    let k = K { f, name: Box::leak(name.to_string().into_boxed_str()) };
+    let k = K { f, name: Box::leak(name.to_string().into_boxed_str()), params: Box::leak(param_sizes(f).into_boxed_slice()) };
     funcs.insert(name.to_string(), k);
     Ok(k)
+}
+
+/// Each parameter's size, as the driver reads the kernel's signature.
+fn param_sizes(f: sys::CUfunction) -> Vec<usize> {
+    let mut v = Vec::new();
+    loop {
+        let (mut off, mut size) = (0usize, 0usize);
+        // SAFETY: a loaded function; plain out-parameters. Past the last parameter (or on a
+        // driver without it) the call fails, which ends the list.
+        let r = unsafe { sys::cuFuncGetParamInfo(f, v.len(), &mut off, &mut size) };
+        if r != sys::CUresult::CUDA_SUCCESS || v.len() > 64 {
+            return v;
+        }
+        v.push(size);
+    }
 }
 
 impl Inner {
@@ -601,6 +637,14 @@ impl Inner {
         if grid.1 > 65_535 || grid.2 > 65_535 {
             bail!("CUDA grid {grid:?} is too large");
         }
+        if !k.params.is_empty() {
+            if k.params.len() != args.len() {
+                bail!("kernel {} takes {} parameters, its launch passes {}", k.name, k.params.len(), args.len());
+            }
+            if let Some(i) = (0..args.len()).find(|&i| k.params[i] < 8 && args[i] >> (8 * k.params[i]) != 0) {
+                bail!("kernel {}: argument {i} ({:#x}) does not fit its {}-byte parameter", k.name, args[i], k.params[i]);
+            }
+        }
         let mut rec = self.rec();
         rec.launches.push(Launch { k, grid, block, args });
         Ok(())
@@ -628,8 +672,7 @@ impl Inner {
         let mut args = l.args.clone();
         let mut ptrs: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
         // SAFETY: the arguments match the kernel's parameters (the op that recorded it).
-        unsafe { cu::launch_kernel(l.k.f, l.grid, (l.block, 1, 1), 0, self.stream, &mut ptrs) }
-            .map_err(|e| anyhow!("CUDA launch of {}: {e}", l.k.name))
+        drv(unsafe { cu::launch_kernel(l.k.f, l.grid, (l.block, 1, 1), 0, self.stream, &mut ptrs) }, &format!("launch of {}", l.k.name))
     }
 
     /// Run everything recorded: the step's words first, then the launches, from a graph
