@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio> // printf, as device code has it
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -147,8 +148,14 @@ inline float atomicAdd(float* p, float v) {
 }
 template <typename T> inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
 template <typename T> inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
-template <typename T> inline T atomicMax(T* p, T v) { return __atomic_fetch_max(p, v, __ATOMIC_SEQ_CST); }
-template <typename T> inline T atomicMin(T* p, T v) { return __atomic_fetch_min(p, v, __ATOMIC_SEQ_CST); }
+template <typename T, typename F> inline T __flint_atomic_rmw(T* p, F f) {
+    T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    while (!__atomic_compare_exchange_n(p, &old, f(old), false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    }
+    return old;
+}
+template <typename T> inline T atomicMax(T* p, T v) { return __flint_atomic_rmw(p, [v](T o) { return o < v ? v : o; }); }
+template <typename T> inline T atomicMin(T* p, T v) { return __flint_atomic_rmw(p, [v](T o) { return v < o ? v : o; }); }
 template <typename T> inline T atomicCAS(T* p, T cmp, T v) {
     __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return cmp;
@@ -179,8 +186,9 @@ inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
-template <typename A, typename B> inline auto min(A a, B b) -> decltype(a < b ? a : b) { return a < b ? a : b; }
-template <typename A, typename B> inline auto max(A a, B b) -> decltype(a < b ? a : b) { return a < b ? b : a; }
+// CUDA's integer min/max overloads (by value: a conditional of two lvalues is an lvalue).
+template <typename A, typename B> inline std::common_type_t<A, B> min(A a, B b) { return a < b ? a : b; }
+template <typename A, typename B> inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
 
 // f16 conversions, bit-exact: round to nearest even (cvt.rn.f16.f32), and exact widening.
 inline unsigned short __flint_f2h(float f) {

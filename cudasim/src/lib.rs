@@ -34,8 +34,7 @@ const NOT_FOUND: CUresult = 500;
 const CAPTURE_UNSUPPORTED: CUresult = 900;
 const CAPTURE_INVALIDATED: CUresult = 901;
 
-/// Shared memory a block may use, static and dynamic (an H100's opt-in limit), and static
-/// alone (what ptxas accepts).
+/// Shared memory a block may use (an H100's opt-in limit), and without opting in.
 const SMEM_OPTIN: usize = 232_448;
 const SMEM_STATIC: usize = 49_152;
 
@@ -636,8 +635,10 @@ unsafe fn record(f: *mut c_void, grid: [u32; 3], block: [u32; 3], shmem: usize, 
     if threads > k.max_threads as u64 {
         return Err(err(INVALID_VALUE, format!("launch of {name} with {threads} threads a block, past its __launch_bounds__({})", k.max_threads)));
     }
-    if k.module.tls_size > SMEM_STATIC || k.module.tls_size + shmem > SMEM_OPTIN {
-        return Err(err(701, format!("launch of {name}: {} bytes of static and {shmem} of dynamic shared memory exceed the device's", k.module.tls_size)));
+    // Static shared memory is the unit's thread-local block, shared by all its kernels, so
+    // only dynamic shared memory is checked against the device's limit here.
+    if shmem > SMEM_OPTIN {
+        return Err(err(701, format!("launch of {name}: {shmem} bytes of dynamic shared memory exceed the device's {SMEM_OPTIN}")));
     }
     let mut out: Vec<Vec<u64>> = Vec::with_capacity(k.sizes.len());
     if !params.is_null() {

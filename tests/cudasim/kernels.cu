@@ -64,9 +64,12 @@ extern "C" __global__ void f16_convert(const u32* f32_bits, u16* to_half, float*
     if (i < 65536) from_half[i] = h2f((u16)i);
 }
 
-// Reads shared memory nothing wrote: the simulator's fill (NaN) shows.
-extern "C" __global__ void read_uninit(float* y) {
+// Reads shared memory nothing wrote in this block (`write` 0): the simulator's fill (NaN)
+// shows, not what an earlier block left there.
+extern "C" __global__ void read_uninit(float* y, int write) {
     __shared__ float s[64];
+    if (write) s[threadIdx.x] = 5.0f;
+    __syncthreads();
     y[threadIdx.x] = s[threadIdx.x];
 }
 

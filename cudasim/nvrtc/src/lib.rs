@@ -226,7 +226,7 @@ fn fnv(parts: &[&str]) -> String {
 const BASE_FLAGS: &[&str] = &["-std=gnu++17", "-O2", "-g1", "-fPIC", "-fno-strict-aliasing", "-Wno-attributes"];
 
 fn run(cmd: &mut Command) -> Result<Vec<u8>, String> {
-    let o = cmd.output().map_err(|e| format!("could not run the C++ compiler: {e}"))?;
+    let o = cmd.env("LC_ALL", "C").output().map_err(|e| format!("could not run the C++ compiler: {e}"))?;
     if !o.status.success() {
         let mut log = String::from_utf8_lossy(&o.stderr).into_owned();
         log.truncate(64 << 10);

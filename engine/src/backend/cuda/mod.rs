@@ -51,7 +51,7 @@ const TYPES: &[(GgmlType, &str, &str)] = &[
 ];
 
 /// Head sizes the attention kernels are built for.
-pub const HEAD_DIMS: &[usize] = &[64, 80, 96, 128];
+pub const HEAD_DIMS: &[usize] = &[16, 32, 64, 80, 96, 128];
 
 /// Decode GEMV up to this many tokens (8 at a time), the tiled GEMM above. A GEMV row's
 /// sum does not depend on the batch, nor does decode attention's (its splits depend on the
