@@ -90,6 +90,8 @@ struct Fiber {
 
 struct Warp {
     arrived: u32,
+    /// Lanes that returned from the kernel.
+    exited: u32,
     mask: u32,
     op: u32,
     inp: [[u8; 40]; 32],
@@ -126,7 +128,8 @@ fn xorshift(s: &mut u64) -> u64 {
 
 fn shuffle(v: &mut [u32], s: &mut u64) {
     for i in (1..v.len()).rev() {
-        let j = (xorshift(s) % (i as u64 + 1)) as usize;
+        // A random index in 0..=i by a multiply (no division).
+        let j = ((xorshift(s) >> 32) * (i as u64 + 1) >> 32) as usize;
         v.swap(i, j);
     }
 }
@@ -258,11 +261,10 @@ unsafe extern "C" fn api_warp(op: u32, mask: u32, inp: *const c_void, out: *mut 
         let wh = (&mut *b).where_(me);
         fail(b, format!("{name} in {wh} needs all 32 lanes"));
     }
-    for l in 0..32 {
-        if mask & (1 << l) != 0 && (&mut *b).fibers[w * 32 + l].st == St::Done {
-            let wh = (&mut *b).where_(me);
-            fail(b, format!("{name} in {wh} waits for lane {l} of mask {mask:#010x}, which exited"));
-        }
+    let gone = mask & (&mut *b).warps[w].exited;
+    if gone != 0 {
+        let wh = (&mut *b).where_(me);
+        fail(b, format!("{name} in {wh} waits for lanes {gone:#010x} of mask {mask:#010x}, which exited"));
     }
     let (isz, osz) = io_sizes(op);
     {
@@ -390,7 +392,14 @@ unsafe extern "C" fn fiber_main(arg: *mut c_void) -> ! {
     let tramp = (&mut *b).kernel().tramp;
     tramp((&mut *b).params, &mut (&mut *b).fibers[i].ctx);
     (&mut *b).fibers[i].st = St::Done;
+    (&mut *b).warps[i / 32].exited |= 1 << (i % 32);
     (&mut *b).done += 1;
+    let w = &(&mut *b).warps[i / 32];
+    if w.arrived != 0 && w.mask & (1 << (i % 32)) != 0 && (&mut *b).err.is_none() {
+        let (arrived, wmask, op) = (w.arrived, w.mask, w.op);
+        let wh = (&mut *b).where_(i);
+        (&mut *b).err = Some(format!("{wh} exited while lanes {arrived:#010x} of its warp wait for it in {}(mask {wmask:#010x})", OP_NAMES[op as usize]));
+    }
     if (&mut *b).at_barrier > 0 && (&mut *b).err.is_none() {
         let w = (&mut *b).where_(i);
         (&mut *b).err = Some(format!("{w} exited while {} threads of its block wait at __syncthreads()", (&mut *b).at_barrier));
@@ -561,7 +570,7 @@ fn run_block(l: &Launch, bi: usize, n: usize, stacks: &[Stack], dyn_smem: &mut [
             },
         });
     }
-    let warps = (0..n.div_ceil(32)).map(|_| Warp { arrived: 0, mask: 0, op: 0, inp: [[0; 40]; 32], out: [[0; 16]; 32] }).collect();
+    let warps = (0..n.div_ceil(32)).map(|_| Warp { arrived: 0, exited: 0, mask: 0, op: 0, inp: [[0; 40]; 32], out: [[0; 16]; 32] }).collect();
     let mut b = Block {
         kernel: l.kernel,
         params: l.params.as_ptr() as *mut *mut c_void,

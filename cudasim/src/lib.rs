@@ -691,11 +691,51 @@ unsafe fn record(f: *mut c_void, grid: [u32; 3], block: [u32; 3], shmem: usize, 
     Ok(Rec { kernel, grid, block, shmem, params: out })
 }
 
+/// Per kernel: launches, CUDA threads run, seconds (with FLINT_CUDA_SIM_STATS=1, printed
+/// at exit: what the simulator's speed is made of).
+static STATS: Mutex<Vec<(String, u64, u64, f64)>> = Mutex::new(Vec::new());
+
+extern "C" fn print_stats() {
+    let mut v = STATS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    v.sort_by(|a, b| b.3.total_cmp(&a.3));
+    let (l, t, s) = v.iter().fold((0, 0, 0.0), |a, x| (a.0 + x.1, a.1 + x.2, a.2 + x.3));
+    eprintln!("flint-cudasim: {l} launches, {t} CUDA threads in {s:.2} s: {:.0} launches/s, {:.2} M threads/s", l as f64 / s.max(1e-9), t as f64 / s.max(1e-9) / 1e6);
+    for (name, l, t, s) in v.iter().take(12) {
+        eprintln!("  {name:<28} {l:>8} launches {t:>12} threads {s:>8.2} s");
+    }
+}
+
+fn stats_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var("FLINT_CUDA_SIM_STATS").is_ok_and(|v| v != "0");
+        if on {
+            // SAFETY: registers a plain function.
+            unsafe { libc::atexit(print_stats) };
+        }
+        on
+    })
+}
+
 fn execute(r: &Rec) -> CUresult {
     let mut params = r.params.clone();
     let ptrs: Vec<*mut c_void> = params.iter_mut().map(|v| v.as_mut_ptr() as *mut c_void).collect();
     let l = Launch { kernel: &r.kernel, grid: r.grid, block: r.block, shmem: r.shmem, params: ptrs };
-    match exec::run(&l, config()) {
+    let t0 = stats_on().then(Instant::now);
+    let res = exec::run(&l, config());
+    if let Some(t0) = t0 {
+        let threads = r.grid.iter().chain(r.block.iter()).map(|&x| x as u64).product::<u64>();
+        let mut st = STATS.lock().unwrap_or_else(|e| e.into_inner());
+        match st.iter_mut().find(|e| e.0 == r.kernel.name) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += threads;
+                e.3 += t0.elapsed().as_secs_f64();
+            }
+            None => st.push((r.kernel.name.clone(), 1, threads, t0.elapsed().as_secs_f64())),
+        }
+    }
+    match res {
         Ok(()) => SUCCESS,
         Err(e) => err(e.code, e.msg),
     }
