@@ -42,6 +42,8 @@ struct __flint_api_t {
     // A warp collective: op, the lanes it names, this lane's input and output.
     void (*warp)(unsigned op, unsigned mask, const void* in, void* out);
     void (*trap)(const char* what);
+    // Race checking: a load or store of `size` bytes of shared memory.
+    void (*access)(const void* p, unsigned long size, int write);
 };
 
 // One kernel unit is one translation unit: these are its definitions (the driver sets
@@ -132,8 +134,10 @@ inline void __flint_mma_16816(float* d, const unsigned* a, const unsigned* b, co
 }
 
 // ---- memory: atomics and fences (blocks run on several OS threads) ----------------------
-template <typename T> inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline float atomicAdd(float* p, float v) {
+// Not instrumented by the race checker: atomics do not race.
+#define __FLINT_NOTSAN __attribute__((no_sanitize_thread))
+template <typename T> __FLINT_NOTSAN inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+__FLINT_NOTSAN inline float atomicAdd(float* p, float v) {
     unsigned* u = (unsigned*)p;
     unsigned old = __atomic_load_n(u, __ATOMIC_SEQ_CST), nw;
     do {
@@ -146,9 +150,9 @@ inline float atomicAdd(float* p, float v) {
     std::memcpy(&r, &old, 4);
     return r;
 }
-template <typename T> inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
-template <typename T> inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
-template <typename T, typename F> inline T __flint_atomic_rmw(T* p, F f) {
+template <typename T> __FLINT_NOTSAN inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
+template <typename T> __FLINT_NOTSAN inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+template <typename T, typename F> __FLINT_NOTSAN inline T __flint_atomic_rmw(T* p, F f) {
     T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
     while (!__atomic_compare_exchange_n(p, &old, f(old), false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
     }
@@ -156,14 +160,14 @@ template <typename T, typename F> inline T __flint_atomic_rmw(T* p, F f) {
 }
 template <typename T> inline T atomicMax(T* p, T v) { return __flint_atomic_rmw(p, [v](T o) { return o < v ? v : o; }); }
 template <typename T> inline T atomicMin(T* p, T v) { return __flint_atomic_rmw(p, [v](T o) { return v < o ? v : o; }); }
-template <typename T> inline T atomicCAS(T* p, T cmp, T v) {
+template <typename T> __FLINT_NOTSAN inline T atomicCAS(T* p, T cmp, T v) {
     __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return cmp;
 }
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+__FLINT_NOTSAN inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+__FLINT_NOTSAN inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 // Loads that bypass L1 (cache-global): a plain load once fences order it.
-template <typename T> inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+template <typename T> __FLINT_NOTSAN inline T __ldcg(const T* p) { return *(const volatile T*)p; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 
 // ---- bit casts and math -----------------------------------------------------------------
@@ -262,3 +266,47 @@ template <auto F> void __flint_tramp(void** p, __flint_thread* t) {
 #define __FLINT_KERNEL(name, bounds)                                                                 \
     {#name, &__flint_tramp<&name>, decltype(__flint_sig_of(&name))::n, decltype(__flint_sig_of(&name))::sizes, \
      decltype(__flint_sig_of(&name))::is_ptr, (unsigned)(bounds)}
+
+#ifdef __FLINT_RACECHECK
+// ---- race checking (FLINT_CUDA_SIM_RACECHECK=1, or -DFLINT_SIM_RACECHECK) ------------------
+// The unit is compiled with -fsanitize=thread and without its runtime: the instrumentation
+// calls these for every load and store, and those inside the running block's shared memory
+// (the unit's thread-local block, and the dynamic array) go to the driver, which keeps each
+// word's last writer and reader with the barrier and warp-collective intervals they were in.
+thread_local char* __flint_rc_lo;
+thread_local unsigned long __flint_rc_n;
+thread_local char* __flint_rc_dlo;
+thread_local unsigned long __flint_rc_dn;
+extern "C" {
+__FLINT_NOTSAN void __flint_sim_block_begin(char* lo, unsigned long n, char* dlo, unsigned long dn) {
+    __flint_rc_lo = lo;
+    __flint_rc_n = n;
+    __flint_rc_dlo = dlo;
+    __flint_rc_dn = dn;
+}
+__FLINT_NOTSAN static inline void __flint_rc(void* p, unsigned long size, int write) {
+    char* c = (char*)p;
+    if (((unsigned long)(c - __flint_rc_lo) < __flint_rc_n || (unsigned long)(c - __flint_rc_dlo) < __flint_rc_dn) &&
+        p != (void*)&__flint_cur)
+        __flint_api.access(p, size, write);
+}
+#define __FLINT_TSAN_RW(n)                                                                      \
+    __FLINT_NOTSAN void __tsan_read##n(void* p) { __flint_rc(p, n, 0); }                         \
+    __FLINT_NOTSAN void __tsan_write##n(void* p) { __flint_rc(p, n, 1); }                        \
+    __FLINT_NOTSAN void __tsan_unaligned_read##n(void* p) { __flint_rc(p, n, 0); }               \
+    __FLINT_NOTSAN void __tsan_unaligned_write##n(void* p) { __flint_rc(p, n, 1); }
+__FLINT_TSAN_RW(1)
+__FLINT_TSAN_RW(2)
+__FLINT_TSAN_RW(4)
+__FLINT_TSAN_RW(8)
+__FLINT_TSAN_RW(16)
+// (GCC's own declarations of these, as it calls them.)
+__FLINT_NOTSAN void __tsan_read_range(void* p, long n) { __flint_rc(p, (unsigned long)n, 0); }
+__FLINT_NOTSAN void __tsan_write_range(void* p, long n) { __flint_rc(p, (unsigned long)n, 1); }
+__FLINT_NOTSAN void __tsan_init() {}
+__FLINT_NOTSAN void __tsan_func_entry(void*) {}
+__FLINT_NOTSAN void __tsan_func_exit(void*) {}
+__FLINT_NOTSAN void __tsan_vptr_update(void*, void*) {}
+__FLINT_NOTSAN void __tsan_vptr_read(void*) {}
+}
+#endif

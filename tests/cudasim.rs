@@ -54,12 +54,17 @@ fn sim(test: &str) -> Option<&'static Sim> {
 }
 
 fn compile(src: &str) -> Result<Vec<u8>, String> {
+    compile_with(src, &[])
+}
+
+fn compile_with(src: &str, extra: &[&str]) -> Result<Vec<u8>, String> {
     use cudarc::nvrtc::{result as nv, sys as nvs};
     let src = CString::new(src).unwrap();
     let prog = nv::create_program(&src, None).map_err(|e| e.to_string())?;
     // SAFETY: a live program; the buffers have the sizes NVRTC reports.
     unsafe {
-        if let Err(e) = nv::compile_program(prog, &["--gpu-architecture=sm_90".to_string()]) {
+        let opts: Vec<String> = ["--gpu-architecture=sm_90"].iter().chain(extra).map(|s| s.to_string()).collect();
+        if let Err(e) = nv::compile_program(prog, &opts) {
             let log = nv::get_program_log(prog).map(|l| l.iter().map(|&c| c as u8 as char).collect::<String>()).unwrap_or_default();
             return Err(format!("{e}: {log}"));
         }
@@ -327,4 +332,38 @@ fn graphs_replay_their_launches() {
         let _ = cu::graph::exec_destroy(exec);
         let _ = cu::graph::destroy(g);
     }
+}
+
+#[test]
+fn shared_memory_races_are_reported() {
+    let Some(s) = sim("shared_memory_races_are_reported") else { return };
+    // The same kernels, compiled for race checking.
+    let src = format!("{}\n{KERNELS}", flint::backend::cuda::SOURCES[0].1);
+    let image = compile_with(&src, &["-DFLINT_SIM_RACECHECK"]).unwrap();
+    // SAFETY: a unit the simulator's NVRTC built; the stream is the test's.
+    let m = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }.unwrap();
+    let run = |name: &str, block: u32, sync: u64| -> Result<Vec<f32>, String> {
+        let f = unsafe { cu::module::get_function(m, CString::new(name).unwrap()) }.unwrap();
+        let y = upload(s, &vec![0f32; block as usize]);
+        let mut args = [y, sync];
+        let mut ptrs: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+        unsafe { cu::launch_kernel(f, (2, 1, 1), (block, 1, 1), 0, s.stream, &mut ptrs) }.map_err(|e| format!("{e}: {}", last_error()))?;
+        Ok(download(s, y, block as usize))
+    };
+    let e = run("racy_neighbour", 64, 0).unwrap_err();
+    assert!(e.contains("shared-memory race") && e.contains("racy_neighbour") && e.contains("static shared memory"), "{e}");
+    let y = run("racy_neighbour", 64, 1).unwrap();
+    assert!((0..64).all(|t| y[t] == ((t + 1) % 64) as f32));
+    let e = run("racy_in_warp", 32, 0).unwrap_err();
+    assert!(e.contains("shared-memory race") && e.contains("racy_in_warp"), "{e}");
+    let y = run("racy_in_warp", 32, 1).unwrap();
+    assert!((0..32).all(|t| y[t] == (t ^ 1) as f32));
+    // The kernels of Flint's own test set, race-free: block sums (barriers and shuffles).
+    let f = unsafe { cu::module::get_function(m, CString::new("block_sums").unwrap()) }.unwrap();
+    let x = upload(s, &vec![1f32; 1000]);
+    let y = upload(s, &vec![0f32; 4]);
+    let mut args = [x, y, 1000u64];
+    let mut ptrs: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+    unsafe { cu::launch_kernel(f, (4, 1, 1), (256, 1, 1), 0, s.stream, &mut ptrs) }.map_err(|e| format!("{e}: {}", last_error())).unwrap();
+    assert_eq!(download::<f32>(s, y, 4), vec![256.0, 256.0, 256.0, 232.0]);
 }

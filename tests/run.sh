@@ -60,6 +60,10 @@ for seed in 2 3; do
     barriers shuffles atomics dynamic mma graphs matmul_matches attention_matches top_k fused
 done
 
+echo "== the CUDA op tests with the simulator's shared-memory race checker"
+FLINT_CUDA_SIM=1 FLINT_REQUIRE_CUDA=1 FLINT_CUDA_SIM_SEED=1 FLINT_CUDA_SIM_RACECHECK=1 cargo test --release --locked --test cuda -- --nocapture \
+  --skip real_model --skip every_kernel
+
 echo "== HDL benches (Verilator and Icarus, bit-exact against the golden model) and synthesis"
 make -C hdl test MODEL="$model" FLINT="$PWD/target/release/flint"
 make -C hdl synth

@@ -33,9 +33,10 @@ pub struct Api {
     syncthreads: unsafe extern "C" fn(),
     warp: unsafe extern "C" fn(u32, u32, *const c_void, *mut c_void),
     trap: unsafe extern "C" fn(*const std::ffi::c_char),
+    access: unsafe extern "C" fn(*const c_void, usize, i32),
 }
 
-pub static API: Api = Api { syncthreads: api_syncthreads, warp: api_warp, trap: api_trap };
+pub static API: Api = Api { syncthreads: api_syncthreads, warp: api_warp, trap: api_trap, access: api_access };
 
 // Warp collective ops, as in sim.h.
 const SYNCWARP: u32 = 0;
@@ -92,6 +93,8 @@ struct Warp {
     arrived: u32,
     /// Lanes that returned from the kernel.
     exited: u32,
+    /// Collectives completed (race checking: lanes are ordered only across one).
+    epoch: u32,
     mask: u32,
     op: u32,
     inp: [[u8; 40]; 32],
@@ -113,6 +116,12 @@ struct Block {
     err: Option<String>,
     fault: Option<(usize, libc::c_int)>,
     rng: u64,
+    /// Barriers completed, and each shared-memory word's last write and read (race
+    /// checking): (thread, barrier interval, its warp's collective interval).
+    bar_epoch: u32,
+    shadow: std::collections::HashMap<usize, [(u32, u32, u32); 2]>,
+    /// Shared memory bounds for reports: (start, length) of the static and dynamic parts.
+    smem: [(usize, usize); 2],
 }
 
 thread_local! {
@@ -221,6 +230,7 @@ unsafe extern "C" fn api_syncthreads() {
     (&mut *b).at_barrier += 1;
     if (&mut *b).at_barrier == (&mut *b).fibers.len() {
         (&mut *b).at_barrier = 0;
+        (&mut *b).bar_epoch += 1;
         for (i, f) in (&mut *b).fibers.iter_mut().enumerate() {
             if f.st == St::Barrier {
                 f.st = St::Ready;
@@ -289,6 +299,7 @@ unsafe extern "C" fn api_warp(op: u32, mask: u32, inp: *const c_void, out: *mut 
     if (&mut *b).warps[w].arrived == mask {
         compute(&mut (&mut *b).warps[w]);
         (&mut *b).warps[w].arrived = 0;
+        (&mut *b).warps[w].epoch += 1;
         for l in 0..32 {
             let t = w * 32 + l;
             if l != lane && mask & (1 << l) != 0 {
@@ -301,6 +312,51 @@ unsafe extern "C" fn api_warp(op: u32, mask: u32, inp: *const c_void, out: *mut 
         yield_fiber(b);
     }
     std::ptr::copy_nonoverlapping((&mut *b).warps[w].out[lane].as_ptr(), out as *mut u8, osz);
+}
+
+const NONE: (u32, u32, u32) = (u32::MAX, 0, 0);
+
+/// A load or store of shared memory, from a unit compiled for race checking: two accesses
+/// to a word race when another thread made one of them, at least one is a write, and no
+/// barrier (nor, within a warp, a warp collective) lies between them.
+unsafe extern "C" fn api_access(p: *const c_void, size: usize, write: i32) {
+    let b = &mut *CUR.get();
+    if b.err.is_some() {
+        return;
+    }
+    let me = b.cur as u32;
+    let w = me as usize / 32;
+    let now = (me, b.bar_epoch, b.warps[w].epoch);
+    let conflicts = |o: (u32, u32, u32)| o.0 != u32::MAX && o.0 != me && o.1 == now.1 && (o.0 as usize / 32 != w || o.2 == now.2);
+    let start = p as usize & !3;
+    for word in (start..p as usize + size.max(1)).step_by(4) {
+        let e = b.shadow.entry(word).or_insert([NONE, NONE]);
+        let (last_w, last_r) = (e[0], e[1]);
+        let hit = if conflicts(last_w) {
+            Some((last_w.0, "write"))
+        } else if write != 0 && conflicts(last_r) {
+            Some((last_r.0, "read"))
+        } else {
+            None
+        };
+        if write != 0 { e[0] = now } else { e[1] = now }
+        if let Some((other, what)) = hit {
+            let (at, part) = match b.smem.iter().position(|&(s, n)| word >= s && word < s + n) {
+                Some(0) => (word - b.smem[0].0, "static"),
+                _ => (word - b.smem[1].0, "dynamic"),
+            };
+            let wh = b.where_(me as usize);
+            let oc = &b.fibers[other as usize].ctx.tid;
+            b.err = Some(format!(
+                "shared-memory race in {wh}: its {} of {part} shared memory at offset {at} and the {what} by thread ({},{},{}) in the same barrier interval",
+                if write != 0 { "write" } else { "read" },
+                oc[0],
+                oc[1],
+                oc[2]
+            ));
+            return;
+        }
+    }
 }
 
 fn rd<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
@@ -552,9 +608,7 @@ fn run_block(l: &Launch, bi: usize, n: usize, stacks: &[Stack], dyn_smem: &mut [
     let bid = [(bi % gx as usize) as u32, (bi / gx as usize % gy as usize) as u32, (bi / (gx as usize * gy as usize)) as u32];
     let [bx, by, _] = l.block;
     // Shared memory starts as 0xff bytes (NaN), static (the unit's TLS) and dynamic.
-    l.kernel.module.fill_shared();
-    // SAFETY: plain bytes.
-    unsafe { std::ptr::write_bytes(dyn_smem.as_mut_ptr(), 0xff, dyn_smem.len()) };
+    let static_smem = l.kernel.module.begin_block(dyn_smem);
     let mut fibers = Vec::with_capacity(n);
     for t in 0..n {
         fibers.push(Fiber {
@@ -570,7 +624,7 @@ fn run_block(l: &Launch, bi: usize, n: usize, stacks: &[Stack], dyn_smem: &mut [
             },
         });
     }
-    let warps = (0..n.div_ceil(32)).map(|_| Warp { arrived: 0, exited: 0, mask: 0, op: 0, inp: [[0; 40]; 32], out: [[0; 16]; 32] }).collect();
+    let warps = (0..n.div_ceil(32)).map(|_| Warp { arrived: 0, exited: 0, epoch: 0, mask: 0, op: 0, inp: [[0; 40]; 32], out: [[0; 16]; 32] }).collect();
     let mut b = Block {
         kernel: l.kernel,
         params: l.params.as_ptr() as *mut *mut c_void,
@@ -585,6 +639,9 @@ fn run_block(l: &Launch, bi: usize, n: usize, stacks: &[Stack], dyn_smem: &mut [
         err: None,
         fault: None,
         rng: seed,
+        bar_epoch: 0,
+        shadow: std::collections::HashMap::new(),
+        smem: [static_smem, (dyn_smem.as_ptr() as usize, dyn_smem.len() * 16)],
     };
     for (t, f) in b.fibers.iter_mut().enumerate() {
         f.sp = stacks[t].prepare(fiber_main, t as *mut c_void);

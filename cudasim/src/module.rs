@@ -51,6 +51,8 @@ pub struct Module {
     /// Bytes of the unit's thread-local block: its `__shared__` variables.
     pub tls_size: usize,
     touch: unsafe extern "C" fn(),
+    /// A unit compiled for race checking tells its callbacks where shared memory is.
+    block_begin: Option<unsafe extern "C" fn(*mut u8, usize, *mut u8, usize)>,
 }
 
 // SAFETY: a dlopen handle and a file descriptor, both usable from any thread.
@@ -121,7 +123,16 @@ pub unsafe fn load(image: *const u8) -> Result<Loaded, (u32, String)> {
     std::ptr::copy_nonoverlapping(&API as *const _ as *const u8, api as *mut u8, std::mem::size_of_val(&API));
     let mut modid: usize = 0;
     libc::dlinfo(handle, libc::RTLD_DI_TLS_MODID, &mut modid as *mut usize as *mut c_void);
-    let module = Arc::new(Module { handle, fd, tls_modid: modid, tls_size: tls_size(modid), touch: std::mem::transmute::<*mut c_void, unsafe extern "C" fn()>(touch) });
+    let bb = sym(c"__flint_sim_block_begin");
+    let block_begin = (!bb.is_null()).then(|| std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut u8, usize, *mut u8, usize)>(bb));
+    let module = Arc::new(Module {
+        handle,
+        fd,
+        tls_modid: modid,
+        tls_size: tls_size(modid),
+        touch: std::mem::transmute::<*mut c_void, unsafe extern "C" fn()>(touch),
+        block_begin,
+    });
     let table: unsafe extern "C" fn(*mut u32) -> *const KernelDesc = std::mem::transmute(table);
     let mut n = 0u32;
     let descs = table(&mut n);
@@ -172,24 +183,34 @@ fn tls_size(modid: usize) -> usize {
 }
 
 impl Module {
-    /// Fill this thread's copy of the unit's `__shared__` variables with 0xff bytes.
-    pub fn fill_shared(&self) {
-        if self.tls_size == 0 {
-            return;
-        }
-        // SAFETY: the TLS block of this module for this thread, `tls_size` bytes.
-        unsafe {
-            let mut p: *mut c_void = std::ptr::null_mut();
-            libc::dlinfo(self.handle, libc::RTLD_DI_TLS_DATA, &mut p as *mut *mut c_void as *mut c_void);
-            if p.is_null() {
-                (self.touch)();
+    /// Before a block on this thread: fill this thread's copy of the unit's `__shared__`
+    /// variables (and the block's dynamic shared memory) with 0xff bytes, and tell a
+    /// race-checking unit where they are. Returns where the static part is (start, bytes).
+    pub fn begin_block(&self, dyn_smem: &mut [u128]) -> (usize, usize) {
+        let dyn_ptr = dyn_smem.as_mut_ptr() as *mut u8;
+        let dyn_len = std::mem::size_of_val(dyn_smem);
+        // SAFETY: plain bytes.
+        unsafe { std::ptr::write_bytes(dyn_ptr, 0xff, dyn_len) };
+        let mut p: *mut c_void = std::ptr::null_mut();
+        if self.tls_size > 0 {
+            // SAFETY: the TLS block of this module for this thread, `tls_size` bytes.
+            unsafe {
                 libc::dlinfo(self.handle, libc::RTLD_DI_TLS_DATA, &mut p as *mut *mut c_void as *mut c_void);
+                if p.is_null() {
+                    (self.touch)();
+                    libc::dlinfo(self.handle, libc::RTLD_DI_TLS_DATA, &mut p as *mut *mut c_void as *mut c_void);
+                }
+                if !p.is_null() {
+                    std::ptr::write_bytes(p as *mut u8, 0xff, self.tls_size);
+                }
             }
-            if !p.is_null() {
-                std::ptr::write_bytes(p as *mut u8, 0xff, self.tls_size);
-            }
+        }
+        if let Some(bb) = self.block_begin {
+            // SAFETY: the unit's own function; the ranges are this block's.
+            unsafe { bb(p as *mut u8, if p.is_null() { 0 } else { self.tls_size }, dyn_ptr, dyn_len) };
         }
         let _ = self.tls_modid;
+        (p as usize, if p.is_null() { 0 } else { self.tls_size })
     }
 }
 

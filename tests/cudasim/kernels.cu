@@ -100,3 +100,20 @@ extern "C" __global__ void scale(float* x, float s, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = x[i] * s + 1.0f;
 }
+
+// Race checking (compiled with -DFLINT_SIM_RACECHECK): a neighbour's value read without the
+// barrier between its write and the read, and with it.
+extern "C" __global__ void racy_neighbour(float* y, int sync) {
+    __shared__ float s[64];
+    s[threadIdx.x] = (float)threadIdx.x;
+    if (sync) __syncthreads();
+    y[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Within one warp: lanes are ordered only by a warp collective.
+extern "C" __global__ void racy_in_warp(float* y, int sync) {
+    __shared__ float s[32];
+    s[threadIdx.x] = (float)threadIdx.x;
+    if (sync) __syncwarp();
+    y[threadIdx.x] = s[threadIdx.x ^ 1];
+}

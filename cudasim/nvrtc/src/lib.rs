@@ -237,7 +237,11 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>, String> {
 
 fn compile(src: &str, flags: &[String]) -> Result<Vec<u8>, String> {
     let cxx = cxx()?;
-    let extra = extra_flags();
+    let mut extra = extra_flags();
+    let racecheck = std::env::var("FLINT_CUDA_SIM_RACECHECK").is_ok_and(|v| v != "0") || flags.iter().any(|f| f == "-DFLINT_SIM_RACECHECK");
+    if racecheck {
+        extra.extend(["-fsanitize=thread".to_string(), "-D__FLINT_RACECHECK=1".to_string()]);
+    }
     let all: Vec<&str> = flags.iter().chain(extra.iter()).map(|s| s.as_str()).chain(BASE_FLAGS.iter().copied()).collect();
     let key = fnv(&[SIM_H, src, &all.join(" "), cxx_version()]);
     let dir = cache_dir();
@@ -275,7 +279,12 @@ fn compile(src: &str, flags: &[String]) -> Result<Vec<u8>, String> {
         ),
     )?;
     let tmp = dir.join(format!("{key}.{tag}.so"));
-    let res = run(Command::new(cxx).args(flags).args(&extra).args(BASE_FLAGS).arg("-shared").arg("-o").arg(&tmp).arg(&unit).arg(format!("-I{}", dir.display())));
+    // Compiled, then linked on its own: -fsanitize=thread (race checking) instruments only,
+    // the unit defines the callbacks, and no TSan runtime is linked.
+    let obj = dir.join(format!("{key}.{tag}.o"));
+    let res = run(Command::new(cxx).args(flags).args(&extra).args(BASE_FLAGS).arg("-c").arg("-o").arg(&obj).arg(&unit).arg(format!("-I{}", dir.display())))
+        .and_then(|_| run(Command::new(cxx).arg("-shared").arg("-o").arg(&tmp).arg(&obj)));
+    let _ = std::fs::remove_file(&obj);
     let _ = std::fs::remove_file(&unit);
     res?;
     let bytes = std::fs::read(&tmp).map_err(|e| format!("cannot read {}: {e}", tmp.display()))?;
