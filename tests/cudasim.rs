@@ -315,19 +315,25 @@ fn graphs_replay_their_launches() {
     let Some(s) = sim("graphs_replay_their_launches") else { return };
     let n = 300usize;
     let x = upload(s, &vec![1f32; n]);
-    // SAFETY: capture on the test's stream; the graph is destroyed below.
+    // A stream of its own: the other tests' copies on a capturing stream would (rightly)
+    // invalidate the capture.
+    let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).unwrap();
+    // SAFETY: capture on this test's stream; the graph is destroyed below.
     unsafe {
-        cu::stream::begin_capture(s.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+        cu::stream::begin_capture(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
         for k in [2.0f32, 3.0] {
-            launch(s, "scale", 2, 256, 0, &mut [x, f32a(k), n as u64]).unwrap();
+            let f = func(s, "scale");
+            let mut args = [x, f32a(k), n as u64];
+            let mut ptrs: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+            cu::launch_kernel(f, (2, 1, 1), (256, 1, 1), 0, stream, &mut ptrs).unwrap();
         }
-        let g = cu::stream::end_capture(s.stream).unwrap();
+        let g = cu::stream::end_capture(stream).unwrap();
         // Captured, not run.
         assert!(download::<f32>(s, x, n).iter().all(|&v| v == 1.0));
         let exec = cu::graph::instantiate(g, sys::CUgraphInstantiate_flags(0)).unwrap();
-        cu::graph::launch(exec, s.stream).unwrap();
+        cu::graph::launch(exec, stream).unwrap();
         assert!(download::<f32>(s, x, n).iter().all(|&v| v == (1.0 * 2.0 + 1.0) * 3.0 + 1.0));
-        cu::graph::launch(exec, s.stream).unwrap();
+        cu::graph::launch(exec, stream).unwrap();
         assert!(download::<f32>(s, x, n).iter().all(|&v| v == (10.0 * 2.0 + 1.0) * 3.0 + 1.0));
         let _ = cu::graph::exec_destroy(exec);
         let _ = cu::graph::destroy(g);
