@@ -110,7 +110,8 @@ struct Inner {
     attn: Mutex<HashMap<usize, AttnFns>>,
     rope: Mutex<Vec<(Vec<f32>, Mem)>>,
     rec: Mutex<Recorder>,
-    /// One forward pass at a time: a recording holds one pass.
+    /// The op lock: one forward pass at a time (a recording holds one pass), and ops that
+    /// stage words or use scratch recorded whole (`record::Serial`).
     forward: Mutex<()>,
 }
 

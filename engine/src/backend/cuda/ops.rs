@@ -12,7 +12,7 @@ impl Backend for Cuda {
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let _one = self.inner.forward.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = self.inner.serial();
         let _ = self.inner.bind();
         f()
     }
@@ -88,6 +88,7 @@ impl Backend for Cuda {
     }
 
     fn store_kv(&self, src: &CudaBuf, kv: &mut CudaKv, pos0: usize, n: usize, width: usize) -> Result<()> {
+        let _one = self.inner.serial();
         if (pos0 + n) * width > kv.len {
             bail!("store_kv: rows {pos0}..{} do not fit a cache of {} rows", pos0 + n, kv.len / width.max(1));
         }
@@ -97,6 +98,7 @@ impl Backend for Cuda {
     }
 
     fn embed(&self, table: &CudaWeight, tokens: &[u32], out: &mut CudaBuf) -> Result<()> {
+        let _one = self.inner.serial();
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= table.rows) {
             bail!("token id {id} is outside the vocabulary of {}", table.rows);
         }
@@ -156,12 +158,14 @@ impl Backend for Cuda {
     }
 
     fn rope(&self, x: &mut CudaBuf, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()> {
+        let _one = self.inner.serial();
         let (fr, p) = (self.inner.rope_freq(rope)?, self.inner.pos(pos0)?);
         let f = self.inner.fns.rope;
         self.inner.launch(f, (n as u32, n_heads as u32, 1), 64, args![x.mem.ptr(), fr, p, 0i32, n_heads, head_dim, rope.dims])
     }
 
     fn rope_store_kv(&self, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, kc: &mut CudaKv, vc: &mut CudaKv, n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> Result<()> {
+        let _one = self.inner.serial();
         if (pos0 + n) * s.kv_dim() > kc.len.min(vc.len) {
             bail!("rope_store_kv: positions {pos0}..{} do not fit the cache", pos0 + n);
         }
@@ -177,6 +181,7 @@ impl Backend for Cuda {
     }
 
     fn qkv_rope_store(&self, w: [&CudaWeight; 3], x: &CudaBuf, q: &mut CudaBuf, k: &mut CudaBuf, v: &mut CudaBuf, kc: &mut CudaKv, vc: &mut CudaKv, n: usize, pos0: usize, s: AttnShape, rope: &Rope) -> Result<()> {
+        let _one = self.inner.serial();
         let same = w.iter().all(|m| m.ty == w[0].ty && m.k == w[0].k);
         let shapes = w[0].rows == s.q_dim() && w[1].rows == s.kv_dim() && w[2].rows == s.kv_dim();
         if n > GEMV_MAX || !same || !shapes || s.head_dim % 2 != 0 || w[0].fns.is_none() {
@@ -215,6 +220,7 @@ impl Backend for Cuda {
     }
 
     fn attention(&self, q: &CudaBuf, k: &CudaKv, v: &CudaKv, out: &mut CudaBuf, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
+        let _one = self.inner.serial();
         let hd = s.head_dim;
         let fns = self.inner.attn_fns(hd)?;
         let cap = k.len.min(v.len) / s.kv_dim();
@@ -306,6 +312,7 @@ impl Backend for Cuda {
     }
 
     fn top_k(&self, x: &CudaBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let _one = self.inner.serial();
         if k == 0 || rows == 0 {
             return Ok(vec![Vec::new(); rows]);
         }

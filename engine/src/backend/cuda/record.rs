@@ -9,6 +9,28 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::hash::{Hash, Hasher};
 
+thread_local! {
+    /// The backend (its `Inner`'s address) whose op lock this thread holds, if any.
+    static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// An op that stages per-step words or uses shared scratch records all its launches under
+/// the backend's op lock: another thread's flush (or its use of the scratch) in between
+/// would hand its launches another op's words. Taken by `run` for a whole forward pass,
+/// and by such an op called on its own; re-entrant on the thread that holds it.
+pub(super) struct Serial<'a> {
+    _guard: Option<std::sync::MutexGuard<'a, ()>>,
+    prev: usize,
+}
+
+impl Drop for Serial<'_> {
+    fn drop(&mut self) {
+        if self._guard.is_some() {
+            HELD.set(self.prev);
+        }
+    }
+}
+
 pub(super) fn drv<T>(r: std::result::Result<T, cu::DriverError>, what: &str) -> Result<T> {
     r.map_err(|e| match sim::last_error().filter(|_| sim::active()) {
         Some(m) => anyhow!("CUDA {what}: {e}: {m}"),
@@ -139,6 +161,16 @@ pub(super) fn param_sizes(f: sys::CUfunction) -> Vec<usize> {
 }
 
 impl Inner {
+    /// The op lock (see [`Serial`]).
+    pub(super) fn serial(&self) -> Serial<'_> {
+        let me = self as *const Inner as usize;
+        if HELD.get() == me {
+            return Serial { _guard: None, prev: me };
+        }
+        let g = self.forward.lock().unwrap_or_else(|e| e.into_inner());
+        Serial { _guard: Some(g), prev: HELD.replace(me) }
+    }
+
     /// Record a launch of `f`.
     pub(super) fn launch(&self, k: K, grid: (u32, u32, u32), block: u32, args: Vec<u64>) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
