@@ -163,3 +163,38 @@ fn speculative_flags() {
     fails_with(&["generate", "--model", ms, "--prompt", "x", "--speculative", "ngram", "--draft-len", "0"], "--draft-len");
     fails_with(&["generate", "--model", ms, "--prompt", "x", "--speculative", "prediction", "--prediction-file", "/nonexistent"], "cannot read");
 }
+
+/// `flint generate --backend cuda` on the CUDA simulator (FLINT_CUDA_SIM=1): the whole CUDA
+/// path through the CLI, greedy output equal to the CPU reference's; and without the
+/// simulator's libraries, a one-line reason.
+#[test]
+fn generate_on_the_cuda_simulator() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_flint"));
+    if !exe.with_file_name("libflint_cudasim.so").is_file() {
+        assert!(std::env::var_os("FLINT_REQUIRE_CUDA").is_none(), "the CUDA simulator's libraries are required (FLINT_REQUIRE_CUDA)");
+        eprintln!("SKIPPED generate_on_the_cuda_simulator: the simulator's libraries are not next to flint (cargo build --release)");
+        return;
+    }
+    let m = tiny_model(GgmlType::Q4_1, 512);
+    let run = |backend: &str| {
+        // The default FLINT_HOME: the simulator's compiled units are cached there.
+        let o = Command::new(exe)
+            .args(["generate", "--model", m.to_str().unwrap(), "--prompt", "hello there", "--max-tokens", "6", "--json", "--backend", backend])
+            .env("FLINT_CUDA_SIM", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{backend}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["tokens"].clone()
+    };
+    assert_eq!(run("cuda"), run("cpu-ref"));
+    let o = Command::new(exe)
+        .args(["generate", "--model", m.to_str().unwrap(), "--prompt", "hi", "--backend", "cuda"])
+        .env("FLINT_CUDA_SIM", "1")
+        .env("FLINT_CUDA_SIM_LIB", temp_dir("no-sim"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("libflint_cudasim.so is not in FLINT_CUDA_SIM_LIB") && !err.contains("panicked"), "{err}");
+}

@@ -109,6 +109,13 @@ fn tiny_models_match_reference_for_every_type() {
 }
 
 #[test]
+fn batched_decode_matches_single_sessions() {
+    if gpu("batched_decode_matches_single_sessions").is_some() {
+        gpu_ops::batched_decode_matches_single_sessions(2, &variant);
+    }
+}
+
+#[test]
 fn real_model_greedy_output_equals_reference() {
     if gpu("real_model_greedy_output_equals_reference").is_some() {
         gpu_ops::real_model_greedy_output_equals_reference(BackendKind::Cuda);

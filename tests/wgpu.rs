@@ -68,6 +68,14 @@ gpu_op_tests! { gpus;
 }
 
 #[test]
+fn batched_decode_matches_single_sessions() {
+    let gs = gpus("batched_decode_matches_single_sessions");
+    if !gs.is_empty() {
+        gpu_ops::batched_decode_matches_single_sessions(gs.len(), &variant);
+    }
+}
+
+#[test]
 fn tiny_models_match_reference_for_every_type() {
     let gs = gpus("tiny_models_match_reference_for_every_type");
     if !gs.is_empty() {

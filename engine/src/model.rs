@@ -313,32 +313,68 @@ impl<B: Backend> Session<B> {
     }
 
     fn forward_batch(&mut self, m: &Model<B>, tokens: &[u32], pos0: usize, all: bool, logits: bool, top: Option<usize>) -> Result<Option<Output>> {
+        let rows = if !logits {
+            Rows::None
+        } else if all {
+            Rows::All
+        } else {
+            Rows::Last
+        };
+        self.forward_rows(m, &mut [], tokens, &[pos0], rows, top)
+    }
+
+    /// The forward pass, written once: `tokens` are the rows of one batch, `self`'s at
+    /// positions `pos[0]..` (all of them when `others` is empty: prefill, a decode step,
+    /// a speculative verification), else one row a session (a batched decode step of
+    /// several sessions: row 0 is `self`, row `i` is `others[i - 1]` at `pos[i]`). The
+    /// matmuls run once over all rows; RoPE, the K/V store and attention run per session
+    /// on its own cache (one session: the fused Q/K/V + RoPE + store op).
+    fn forward_rows(&mut self, m: &Model<B>, others: &mut [&mut Session<B>], tokens: &[u32], pos: &[usize], rows: Rows, top: Option<usize>) -> Result<Option<Output>> {
         let n = tokens.len();
         self.ensure_batch(m, n)?;
         let (c, b) = (&m.cfg, &m.backend);
         let s = c.attn();
-        let d = c.n_embd;
+        let (d, qd, kvd) = (c.n_embd, c.n_head * c.head_dim, s.kv_dim());
+        // Rows of `self`: all, or the first.
+        let own = if others.is_empty() { n } else { 1 };
         b.embed(&m.tok_embd, tokens, &mut self.x)?;
         b.rmsnorm(&self.x, &m.layers[0].attn_norm, c.eps, n, d, &mut self.xn)?;
         for (li, l) in m.layers.iter().enumerate() {
             // Attention block; xn holds the normalised input.
-            b.qkv_rope_store([&l.wq, &l.wk, &l.wv], &self.xn, &mut self.q, &mut self.k, &mut self.v, &mut self.k_cache[li], &mut self.v_cache[li], n, pos0, s, &m.rope)?;
-            b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, n, pos0, s)?;
+            if others.is_empty() {
+                b.qkv_rope_store([&l.wq, &l.wk, &l.wv], &self.xn, &mut self.q, &mut self.k, &mut self.v, &mut self.k_cache[li], &mut self.v_cache[li], n, pos[0], s, &m.rope)?;
+            } else {
+                b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xn, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
+                b.rope_store_kv(&mut self.q, &mut self.k, &self.v, &mut self.k_cache[li], &mut self.v_cache[li], own, pos[0], s, &m.rope)?;
+            }
+            b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, own, pos[0], s)?;
+            // Other sessions' rows through their own row-0 buffers.
+            for (i, o) in others.iter_mut().enumerate() {
+                let (r, p) = (i + 1, pos[i + 1]);
+                b.copy_rows(&self.q, r, &mut o.q, 0, 1, qd)?;
+                b.copy_rows(&self.k, r, &mut o.k, 0, 1, kvd)?;
+                b.copy_rows(&self.v, r, &mut o.v, 0, 1, kvd)?;
+                b.rope_store_kv(&mut o.q, &mut o.k, &o.v, &mut o.k_cache[li], &mut o.v_cache[li], 1, p, s, &m.rope)?;
+                b.attention(&o.q, &o.k_cache[li], &o.v_cache[li], &mut o.att, 1, p, s)?;
+                b.copy_rows(&o.att, 0, &mut self.att, r, 1, qd)?;
+            }
             self.finish_layer(m, li, n)?;
         }
-        if !logits {
-            return Ok(None);
-        }
         // xn holds the output norm of every row.
-        let rows = if all { n } else { 1 };
         let out_w = m.output.as_ref().unwrap_or(&m.tok_embd);
-        if all {
-            b.matmul(out_w, &self.xn, n, &mut self.logits)?;
-        } else {
-            // Only the last row's logits are wanted.
-            b.copy_rows(&self.xn, n - 1, &mut self.xb, 0, 1, d)?;
-            b.matmul(out_w, &self.xb, 1, &mut self.logits)?;
-        }
+        let rows = match rows {
+            Rows::None => return Ok(None),
+            Rows::All => {
+                b.matmul(out_w, &self.xn, n, &mut self.logits)?;
+                n
+            }
+            Rows::Last => {
+                // Only the last row's logits are wanted.
+                b.copy_rows(&self.xn, n - 1, &mut self.xb, 0, 1, d)?;
+                b.matmul(out_w, &self.xb, 1, &mut self.logits)?;
+                1
+            }
+        };
         Ok(Some(match top {
             None => Output::Logits(b.read(&self.logits, 0, rows * c.n_vocab)?),
             Some(k) => Output::Top(b.top_k(&self.logits, rows, c.n_vocab, k)?),
@@ -391,37 +427,17 @@ impl<B: Backend> Session<B> {
         for (o, &p) in others.iter_mut().zip(&pos[1..]) {
             o.reserve(m, p + 1)?;
         }
-        m.backend.run(|| {
-            self.ensure_batch(m, n)?;
-            let (c, b) = (&m.cfg, &m.backend);
-            let s = c.attn();
-            let (d, qd, kvd) = (c.n_embd, c.n_head * c.head_dim, s.kv_dim());
-            b.embed(&m.tok_embd, tokens, &mut self.x)?;
-            b.rmsnorm(&self.x, &m.layers[0].attn_norm, c.eps, n, d, &mut self.xn)?;
-            for (li, l) in m.layers.iter().enumerate() {
-                b.matmul_many(&[&l.wq, &l.wk, &l.wv], &self.xn, n, &mut [&mut self.q, &mut self.k, &mut self.v])?;
-                // Row 0 in place, at its own position.
-                b.rope_store_kv(&mut self.q, &mut self.k, &self.v, &mut self.k_cache[li], &mut self.v_cache[li], 1, pos[0], s, &m.rope)?;
-                b.attention(&self.q, &self.k_cache[li], &self.v_cache[li], &mut self.att, 1, pos[0], s)?;
-                // Other rows through their session's own row-0 buffers.
-                for (i, o) in others.iter_mut().enumerate() {
-                    let (r, p) = (i + 1, pos[i + 1]);
-                    b.copy_rows(&self.q, r, &mut o.q, 0, 1, qd)?;
-                    b.copy_rows(&self.k, r, &mut o.k, 0, 1, kvd)?;
-                    b.copy_rows(&self.v, r, &mut o.v, 0, 1, kvd)?;
-                    b.rope_store_kv(&mut o.q, &mut o.k, &o.v, &mut o.k_cache[li], &mut o.v_cache[li], 1, p, s, &m.rope)?;
-                    b.attention(&o.q, &o.k_cache[li], &o.v_cache[li], &mut o.att, 1, p, s)?;
-                    b.copy_rows(&o.att, 0, &mut self.att, r, 1, qd)?;
-                }
-                self.finish_layer(m, li, n)?;
-            }
-            b.matmul(m.output.as_ref().unwrap_or(&m.tok_embd), &self.xn, n, &mut self.logits)?;
-            Ok(match top {
-                None => Output::Logits(b.read(&self.logits, 0, n * c.n_vocab)?),
-                Some(k) => Output::Top(b.top_k(&self.logits, n, c.n_vocab, k)?),
-            })
-        })
+        let out = m.backend.run(|| self.forward_rows(m, others, tokens, pos, Rows::All, top))?;
+        out.ok_or_else(|| anyhow::anyhow!("forward_multi: no logits"))
     }
+}
+
+/// Which rows' logits a pass computes.
+#[derive(Clone, Copy)]
+enum Rows {
+    None,
+    Last,
+    All,
 }
 
 /// What a forward pass hands back: every logit, or each row's top k.

@@ -474,3 +474,40 @@ fn zero_prefix_caches<B: Backend>(b: &B, n: usize, pos0: usize, s: AttnShape) ->
     }
     (kc, vc)
 }
+
+/// The server's batched decode step (`forward_multi`: one pass for several sessions at
+/// different depths, the leader not the longest) gives each session what a pass of its own
+/// gives on the same backend: the routing of rows to sessions, their caches and positions.
+pub fn batched_decode_matches_single_sessions<B: Backend + 'static>(variants: usize, variant: &dyn Fn(usize) -> B) {
+    use flint::model::{Forward, Model, Runner};
+    let g = Gguf::open(&tiny_model(GgmlType::Q4_1, 512)).unwrap();
+    let prompts: [Vec<u32>; 5] = [vec![5], (1..40).collect(), (3..9).collect(), (7..120).collect(), vec![9, 8, 7]];
+    for i in 0..variants {
+        let m = std::sync::Arc::new(Model::load(variant(i), &g).unwrap());
+        let gpu = &m.backend;
+        let v = m.cfg.n_vocab;
+        for count in [2, 5] {
+            let prompts = &prompts[..count];
+            let new = || -> Vec<Runner<B>> { prompts.iter().map(|_| Runner::new(m.clone(), 16).unwrap()).collect() };
+            let (mut solo, mut many) = (new(), new());
+            for ((p, a), b) in prompts.iter().zip(&mut solo).zip(&mut many) {
+                a.forward(p, 0, false).unwrap();
+                b.forward(p, 0, false).unwrap();
+            }
+            for step in 0..3u32 {
+                let tokens: Vec<u32> = (0..count as u32).map(|i| 11 + 13 * i + step).collect();
+                let pos: Vec<usize> = prompts.iter().map(|p| p.len() + step as usize).collect();
+                let want: Vec<Vec<f32>> = solo.iter_mut().zip(&tokens).zip(&pos).map(|((f, &t), &p)| f.forward(&[t], p, false).unwrap()).collect();
+                let (lead, rest) = many.split_first_mut().unwrap();
+                let mut rest: Vec<&mut dyn Forward> = rest.iter_mut().map(|f| f as &mut dyn Forward).collect();
+                let got = lead.forward_multi(&mut rest, &tokens, &pos).unwrap();
+                for (i, w) in want.iter().enumerate() {
+                    // The same kernels on the same rows; a GEMV that shares weight loads across
+                    // rows may sum in another order (a few ulps of the logits' scale).
+                    let scale = w.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                    assert_close(&format!("{}: session {i} of {count}, step {step}", gpu.name()), &got[i * v..(i + 1) * v], w, 1e-4 * scale, 0.0);
+                }
+            }
+        }
+    }
+}

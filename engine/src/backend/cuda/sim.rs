@@ -5,9 +5,9 @@
 //! `dlopen("libnvrtc.so")` the simulator, and everything above (cudarc, this backend, the
 //! kernels' sources) runs unchanged. Without the variable nothing here happens.
 //!
-//! The libraries are looked for in `$FLINT_CUDA_SIM_LIB` (a folder), next to the running
-//! executable and one folder up (where `cargo build` puts them for `target/*/deps/` test
-//! binaries).
+//! The libraries are looked for in `$FLINT_CUDA_SIM_LIB` (a folder) where it is set, else
+//! next to the running executable and one folder up (where `cargo build` puts them for
+//! `target/*/deps/` test binaries).
 
 use anyhow::{anyhow, Result};
 use std::path::PathBuf;
@@ -29,8 +29,7 @@ fn find(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(d) = std::env::var_os("FLINT_CUDA_SIM_LIB") {
         dirs.push(PathBuf::from(d));
-    }
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.to_path_buf())) {
+    } else if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.to_path_buf())) {
         dirs.push(exe_dir.clone());
         if let Some(up) = exe_dir.parent() {
             dirs.push(up.to_path_buf());
@@ -44,8 +43,9 @@ fn load() -> &'static Result<Loaded, String> {
     static L: OnceLock<Result<Loaded, String>> = OnceLock::new();
     L.get_or_init(|| {
         let open = |name: &str| -> Result<libloading::Library, String> {
-            let path = find(name).ok_or_else(|| {
-                format!("FLINT_CUDA_SIM is set but {name} was not found next to the executable (build it with `cargo build --release`, or set FLINT_CUDA_SIM_LIB to its folder)")
+            let path = find(name).ok_or_else(|| match std::env::var_os("FLINT_CUDA_SIM_LIB") {
+                Some(d) => format!("FLINT_CUDA_SIM is set but {name} is not in FLINT_CUDA_SIM_LIB={}", PathBuf::from(d).display()),
+                None => format!("FLINT_CUDA_SIM is set but {name} was not found next to the executable (build it with `cargo build --release`, or set FLINT_CUDA_SIM_LIB to its folder)"),
             })?;
             // SAFETY: the simulator's libraries run no code when loaded. RTLD_GLOBAL so that
             // their SONAMEs answer later dlopen calls by name.
