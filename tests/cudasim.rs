@@ -373,3 +373,23 @@ fn shared_memory_races_are_reported() {
     unsafe { cu::launch_kernel(f, (4, 1, 1), (256, 1, 1), 0, s.stream, &mut ptrs) }.map_err(|e| format!("{e}: {}", last_error())).unwrap();
     assert_eq!(download::<f32>(s, y, 4), vec![256.0, 256.0, 256.0, 232.0]);
 }
+
+/// Units loaded, unloaded and loaded again are each their own (the dynamic loader knows
+/// objects by path: a path used twice would hand back the unit loaded before).
+#[test]
+fn each_load_is_its_own_unit() {
+    let Some(_) = sim("each_load_is_its_own_unit") else { return };
+    let a = compile("extern \"C\" __global__ void only_in_a(float* y) { y[0] = 1.0f; }").unwrap();
+    let b = compile("extern \"C\" __global__ void only_in_b(float* y) { y[0] = 2.0f; }").unwrap();
+    for _ in 0..4 {
+        for (image, name, other) in [(&a, "only_in_a", "only_in_b"), (&b, "only_in_b", "only_in_a")] {
+            // SAFETY: units the simulator's NVRTC built; unloaded at once.
+            unsafe {
+                let m = cu::module::load_data(image.as_ptr() as *const c_void).unwrap();
+                assert!(cu::module::get_function(m, CString::new(name).unwrap()).is_ok(), "{name}");
+                assert!(cu::module::get_function(m, CString::new(other).unwrap()).is_err(), "{other}");
+                cu::module::unload(m).unwrap();
+            }
+        }
+    }
+}

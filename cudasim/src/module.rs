@@ -1,5 +1,5 @@
 //! Modules: the simulator's "CUBIN" is the shared object its NVRTC built (an ELF file, so
-//! its size is in its header, as a real CUBIN's is); loading one writes it to a memfd and
+//! its size is in its header, as a real CUBIN's is); loading one writes it to a file and
 //! dlopens it, hands it the driver's API table and reads its kernel table.
 
 use crate::exec::{ThreadCtx, API};
@@ -46,7 +46,7 @@ impl Kernel {
 
 pub struct Module {
     handle: *mut c_void,
-    fd: i32,
+    path: std::path::PathBuf,
     tls_modid: usize,
     /// Bytes of the unit's thread-local block: its `__shared__` variables.
     pub tls_size: usize,
@@ -55,7 +55,7 @@ pub struct Module {
     block_begin: Option<unsafe extern "C" fn(*mut u8, usize, *mut u8, usize)>,
 }
 
-// SAFETY: a dlopen handle and a file descriptor, both usable from any thread.
+// SAFETY: a dlopen handle, usable from any thread.
 unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
@@ -92,32 +92,26 @@ fn dlerr() -> String {
 pub unsafe fn load(image: *const u8) -> Result<Loaded, (u32, String)> {
     const INVALID_IMAGE: u32 = 200;
     let size = elf_size(image).ok_or((INVALID_IMAGE, "not a CUDA simulator image (the simulator's NVRTC builds them; a real CUBIN cannot run here)".to_string()))?;
-    let fd = libc::memfd_create(c"flint-cudasim-unit".as_ptr(), libc::MFD_CLOEXEC);
-    if fd < 0 {
-        return Err((INVALID_IMAGE, "memfd_create failed".into()));
+    // A file of its own for every load: the dynamic loader knows objects by their path, and
+    // a path used again (a memfd's /proc/self/fd/N, once N is reused) would hand back the
+    // unit loaded before it. Removed when the module is dropped.
+    static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!("flint-cudasim-{}-{}.so", std::process::id(), LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    if let Err(e) = std::fs::write(&path, std::slice::from_raw_parts(image, size)) {
+        return Err((INVALID_IMAGE, format!("could not write the unit to {}: {e}", path.display())));
     }
-    let bytes = std::slice::from_raw_parts(image, size);
-    let mut done = 0;
-    while done < size {
-        let w = libc::write(fd, bytes[done..].as_ptr() as *const c_void, size - done);
-        if w <= 0 {
-            libc::close(fd);
-            return Err((INVALID_IMAGE, "could not write the image to a memfd".into()));
-        }
-        done += w as usize;
-    }
-    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
-    let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+    let cpath = std::ffi::CString::new(path.to_string_lossy().into_owned()).expect("no NUL");
+    let handle = libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
     if handle.is_null() {
         let e = dlerr();
-        libc::close(fd);
+        let _ = std::fs::remove_file(&path);
         return Err((INVALID_IMAGE, format!("could not load the unit: {e}")));
     }
     let sym = |n: &CStr| libc::dlsym(handle, n.as_ptr());
     let (api, table, touch) = (sym(c"__flint_api"), sym(c"__flint_sim_kernels"), sym(c"__flint_sim_touch"));
     if api.is_null() || table.is_null() || touch.is_null() {
         libc::dlclose(handle);
-        libc::close(fd);
+        let _ = std::fs::remove_file(&path);
         return Err((INVALID_IMAGE, "the image is not a CUDA simulator unit (no kernel table)".into()));
     }
     std::ptr::copy_nonoverlapping(&API as *const _ as *const u8, api as *mut u8, std::mem::size_of_val(&API));
@@ -127,7 +121,7 @@ pub unsafe fn load(image: *const u8) -> Result<Loaded, (u32, String)> {
     let block_begin = (!bb.is_null()).then(|| std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut u8, usize, *mut u8, usize)>(bb));
     let module = Arc::new(Module {
         handle,
-        fd,
+        path,
         tls_modid: modid,
         tls_size: tls_size(modid),
         touch: std::mem::transmute::<*mut c_void, unsafe extern "C" fn()>(touch),
@@ -219,7 +213,7 @@ impl Drop for Module {
         // SAFETY: nothing of the module runs any more (kernels hold the module alive).
         unsafe {
             libc::dlclose(self.handle);
-            libc::close(self.fd);
         }
+        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -238,6 +238,10 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>, String> {
 fn compile(src: &str, flags: &[String]) -> Result<Vec<u8>, String> {
     let cxx = cxx()?;
     let mut extra = extra_flags();
+    if !cxx_version().contains("clang") {
+        // GCC marks template statics STB_GNU_UNIQUE, which makes a unit impossible to unload.
+        extra.push("-fno-gnu-unique".to_string());
+    }
     let racecheck = std::env::var("FLINT_CUDA_SIM_RACECHECK").is_ok_and(|v| v != "0") || flags.iter().any(|f| f == "-DFLINT_SIM_RACECHECK");
     if racecheck {
         extra.extend(["-fsanitize=thread".to_string(), "-D__FLINT_RACECHECK=1".to_string()]);
@@ -251,9 +255,13 @@ fn compile(src: &str, flags: &[String]) -> Result<Vec<u8>, String> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let tag = format!("{}.{:?}", std::process::id(), std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "");
+    // Every file is written whole under a name of this thread's and renamed into place: two
+    // processes or threads compiling the same unit never read each other's half-written file.
     let write = |name: String, text: &str| -> Result<PathBuf, String> {
         let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        let t = dir.join(format!("{}.{tag}.tmp", p.file_name().unwrap_or_default().to_string_lossy()));
+        std::fs::write(&t, text).map_err(|e| format!("cannot write {}: {e}", t.display()))?;
+        std::fs::rename(&t, &p).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         Ok(p)
     };
     write(format!("{key}.h"), SIM_H)?;
