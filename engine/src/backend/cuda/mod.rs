@@ -277,9 +277,13 @@ fn load_fn(
 }
 
 impl Inner {
-    /// The recorder (a panic elsewhere leaves it usable: every op leaves it consistent).
-    fn rec(&self) -> std::sync::MutexGuard<'_, Recorder> {
-        self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    /// The recorder (a panic elsewhere leaves it usable: every op leaves it consistent),
+    /// under the op lock: no other thread records or flushes between the launches of an op
+    /// that holds it (a flush between an op's two launches would let another op's launches,
+    /// on the same scratch, run between them).
+    fn rec(&self) -> record::RecGuard<'_> {
+        let serial = self.serial();
+        record::RecGuard { rec: self.rec.lock().unwrap_or_else(|e| e.into_inner()), _serial: serial }
     }
 
     fn bind(&self) -> Result<()> {

@@ -23,6 +23,25 @@ pub(super) struct Serial<'a> {
     prev: usize,
 }
 
+/// The recorder, locked, with the op lock held as long (the recorder's guard drops first).
+pub(super) struct RecGuard<'a> {
+    pub(super) rec: std::sync::MutexGuard<'a, Recorder>,
+    pub(super) _serial: Serial<'a>,
+}
+
+impl std::ops::Deref for RecGuard<'_> {
+    type Target = Recorder;
+    fn deref(&self) -> &Recorder {
+        &self.rec
+    }
+}
+
+impl std::ops::DerefMut for RecGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Recorder {
+        &mut self.rec
+    }
+}
+
 impl Drop for Serial<'_> {
     fn drop(&mut self) {
         if self._guard.is_some() {
