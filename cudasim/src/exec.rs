@@ -20,7 +20,7 @@ use std::sync::{Mutex, Once};
 /// One CUDA thread's context: `__flint_thread` of sim.h.
 #[repr(C)]
 pub struct ThreadCtx {
-    tid: [u32; 3],
+    pub(crate) tid: [u32; 3],
     bid: [u32; 3],
     bdim: [u32; 3],
     gdim: [u32; 3],
@@ -36,22 +36,22 @@ pub struct Api {
     access: unsafe extern "C" fn(*const c_void, usize, i32),
 }
 
-pub static API: Api = Api { syncthreads: api_syncthreads, warp: api_warp, trap: api_trap, access: api_access };
+pub static API: Api = Api { syncthreads: api_syncthreads, warp: api_warp, trap: api_trap, access: crate::race::api_access };
 
 // Warp collective ops, as in sim.h.
-const SYNCWARP: u32 = 0;
-const SHFL_IDX: u32 = 1;
-const SHFL_UP: u32 = 2;
-const SHFL_DOWN: u32 = 3;
-const SHFL_XOR: u32 = 4;
-const BALLOT: u32 = 5;
-const ANY: u32 = 6;
-const ALL: u32 = 7;
-const MMA_16816: u32 = 8;
-const OP_NAMES: [&str; 9] = ["__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync", "mma.sync.m16n8k16"];
+pub(crate) const SYNCWARP: u32 = 0;
+pub(crate) const SHFL_IDX: u32 = 1;
+pub(crate) const SHFL_UP: u32 = 2;
+pub(crate) const SHFL_DOWN: u32 = 3;
+pub(crate) const SHFL_XOR: u32 = 4;
+pub(crate) const BALLOT: u32 = 5;
+pub(crate) const ANY: u32 = 6;
+pub(crate) const ALL: u32 = 7;
+pub(crate) const MMA_16816: u32 = 8;
+pub(crate) const OP_NAMES: [&str; 9] = ["__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync", "mma.sync.m16n8k16"];
 
 /// Bytes of a lane's input and output per op.
-fn io_sizes(op: u32) -> (usize, usize) {
+pub(crate) fn io_sizes(op: u32) -> (usize, usize) {
     match op {
         SYNCWARP => (0, 0),
         SHFL_IDX..=SHFL_XOR => (16, 8),
@@ -75,67 +75,67 @@ pub struct Launch<'a> {
 unsafe impl Sync for Launch<'_> {}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum St {
+pub(crate) enum St {
     Ready,
     Barrier,
     Warp,
     Done,
 }
 
-struct Fiber {
-    sp: *mut u8,
-    top: *mut u8,
-    st: St,
-    ctx: ThreadCtx,
+pub(crate) struct Fiber {
+    pub(crate) sp: *mut u8,
+    pub(crate) top: *mut u8,
+    pub(crate) st: St,
+    pub(crate) ctx: ThreadCtx,
 }
 
-struct Warp {
-    arrived: u32,
+pub(crate) struct Warp {
+    pub(crate) arrived: u32,
     /// Lanes that returned from the kernel.
-    exited: u32,
+    pub(crate) exited: u32,
     /// Collectives completed (race checking: lanes are ordered only across one).
-    epoch: u32,
-    mask: u32,
-    op: u32,
-    inp: [[u8; 40]; 32],
-    out: [[u8; 16]; 32],
+    pub(crate) epoch: u32,
+    pub(crate) mask: u32,
+    pub(crate) op: u32,
+    pub(crate) inp: [[u8; 40]; 32],
+    pub(crate) out: [[u8; 16]; 32],
 }
 
 /// The block a worker thread is running, reached from the API calls and the fault handler.
-struct Block {
-    kernel: *const Kernel,
-    params: *mut *mut c_void,
-    fibers: Vec<Fiber>,
-    warps: Vec<Warp>,
-    at_barrier: usize,
-    done: usize,
-    sched_sp: *mut u8,
-    cur: usize,
-    in_fiber: bool,
-    ready: Vec<u32>,
-    err: Option<String>,
-    fault: Option<(usize, libc::c_int)>,
-    rng: u64,
+pub(crate) struct Block {
+    pub(crate) kernel: *const Kernel,
+    pub(crate) params: *mut *mut c_void,
+    pub(crate) fibers: Vec<Fiber>,
+    pub(crate) warps: Vec<Warp>,
+    pub(crate) at_barrier: usize,
+    pub(crate) done: usize,
+    pub(crate) sched_sp: *mut u8,
+    pub(crate) cur: usize,
+    pub(crate) in_fiber: bool,
+    pub(crate) ready: Vec<u32>,
+    pub(crate) err: Option<String>,
+    pub(crate) fault: Option<(usize, libc::c_int)>,
+    pub(crate) rng: u64,
     /// Barriers completed, and each shared-memory word's last write and read (race
     /// checking): (thread, barrier interval, its warp's collective interval).
-    bar_epoch: u32,
-    shadow: std::collections::HashMap<usize, [(u32, u32, u32); 2]>,
+    pub(crate) bar_epoch: u32,
+    pub(crate) shadow: std::collections::HashMap<usize, [(u32, u32, u32); 2]>,
     /// Shared memory bounds for reports: (start, length) of the static and dynamic parts.
-    smem: [(usize, usize); 2],
+    pub(crate) smem: [(usize, usize); 2],
 }
 
 thread_local! {
-    static CUR: Cell<*mut Block> = const { Cell::new(std::ptr::null_mut()) };
+    pub(crate) static CUR: Cell<*mut Block> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-fn xorshift(s: &mut u64) -> u64 {
+pub(crate) fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s << 13;
     *s ^= *s >> 7;
     *s ^= *s << 17;
     *s
 }
 
-fn shuffle(v: &mut [u32], s: &mut u64) {
+pub(crate) fn shuffle(v: &mut [u32], s: &mut u64) {
     for i in (1..v.len()).rev() {
         // A random index in 0..=i by a multiply (no division).
         let j = ((xorshift(s) >> 32) * (i as u64 + 1) >> 32) as usize;
@@ -143,7 +143,7 @@ fn shuffle(v: &mut [u32], s: &mut u64) {
     }
 }
 
-fn mix(a: u64, b: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
     let mut x = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -156,7 +156,7 @@ impl Block {
         unsafe { &*self.kernel }
     }
 
-    fn where_(&self, t: usize) -> String {
+    pub(crate) fn where_(&self, t: usize) -> String {
         let c = &self.fibers[t].ctx;
         format!(
             "kernel {}, block ({},{},{}), thread ({},{},{})",
@@ -201,7 +201,7 @@ impl Block {
 }
 
 /// Leave the running fiber for the scheduler (it resumes here when made ready again).
-unsafe fn yield_fiber(b: *mut Block) {
+pub(crate) unsafe fn yield_fiber(b: *mut Block) {
     let me = (&mut *b).cur;
     (&mut *b).in_fiber = false;
     flint_sim_switch(&mut (&mut *b).fibers[me].sp, (&mut *b).sched_sp);
@@ -209,7 +209,7 @@ unsafe fn yield_fiber(b: *mut Block) {
 }
 
 /// End the launch with `msg`: the fiber never runs again.
-unsafe fn fail(b: *mut Block, msg: String) -> ! {
+pub(crate) unsafe fn fail(b: *mut Block, msg: String) -> ! {
     if (&mut *b).err.is_none() {
         (&mut *b).err = Some(msg);
     }
@@ -297,7 +297,7 @@ unsafe extern "C" fn api_warp(op: u32, mask: u32, inp: *const c_void, out: *mut 
         warp.arrived |= 1 << lane;
     }
     if (&mut *b).warps[w].arrived == mask {
-        compute(&mut (&mut *b).warps[w]);
+        crate::warp::compute(&mut (&mut *b).warps[w]);
         (&mut *b).warps[w].arrived = 0;
         (&mut *b).warps[w].epoch += 1;
         for l in 0..32 {
@@ -312,134 +312,6 @@ unsafe extern "C" fn api_warp(op: u32, mask: u32, inp: *const c_void, out: *mut 
         yield_fiber(b);
     }
     std::ptr::copy_nonoverlapping((&mut *b).warps[w].out[lane].as_ptr(), out as *mut u8, osz);
-}
-
-const NONE: (u32, u32, u32) = (u32::MAX, 0, 0);
-
-/// A load or store of shared memory, from a unit compiled for race checking: two accesses
-/// to a word race when another thread made one of them, at least one is a write, and no
-/// barrier (nor, within a warp, a warp collective) lies between them.
-unsafe extern "C" fn api_access(p: *const c_void, size: usize, write: i32) {
-    let b = &mut *CUR.get();
-    if b.err.is_some() {
-        return;
-    }
-    let me = b.cur as u32;
-    let w = me as usize / 32;
-    let now = (me, b.bar_epoch, b.warps[w].epoch);
-    let conflicts = |o: (u32, u32, u32)| o.0 != u32::MAX && o.0 != me && o.1 == now.1 && (o.0 as usize / 32 != w || o.2 == now.2);
-    let start = p as usize & !3;
-    for word in (start..p as usize + size.max(1)).step_by(4) {
-        let e = b.shadow.entry(word).or_insert([NONE, NONE]);
-        let (last_w, last_r) = (e[0], e[1]);
-        let hit = if conflicts(last_w) {
-            Some((last_w.0, "write"))
-        } else if write != 0 && conflicts(last_r) {
-            Some((last_r.0, "read"))
-        } else {
-            None
-        };
-        if write != 0 { e[0] = now } else { e[1] = now }
-        if let Some((other, what)) = hit {
-            let (at, part) = match b.smem.iter().position(|&(s, n)| word >= s && word < s + n) {
-                Some(0) => (word - b.smem[0].0, "static"),
-                _ => (word - b.smem[1].0, "dynamic"),
-            };
-            let wh = b.where_(me as usize);
-            let oc = &b.fibers[other as usize].ctx.tid;
-            b.err = Some(format!(
-                "shared-memory race in {wh}: its {} of {part} shared memory at offset {at} and the {what} by thread ({},{},{}) in the same barrier interval",
-                if write != 0 { "write" } else { "read" },
-                oc[0],
-                oc[1],
-                oc[2]
-            ));
-            return;
-        }
-    }
-}
-
-fn rd<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    b[at..at + N].try_into().expect("in range")
-}
-
-/// Every lane's result of the collective the whole mask has arrived at.
-fn compute(w: &mut Warp) {
-    let mask = w.mask;
-    let lanes = (0..32usize).filter(move |l| mask & (1 << l) != 0);
-    match w.op {
-        SHFL_IDX..=SHFL_XOR => {
-            for l in lanes {
-                let arg = i32::from_le_bytes(rd(&w.inp[l], 8));
-                let width = i32::from_le_bytes(rd(&w.inp[l], 12)).clamp(1, 32) as usize;
-                let seg = l & !(width - 1);
-                let src = match w.op {
-                    SHFL_IDX => seg + (arg as usize & (width - 1)),
-                    SHFL_UP => {
-                        if (l & (width - 1)) >= arg as usize { l - arg as usize } else { l }
-                    }
-                    SHFL_DOWN => {
-                        if (l & (width - 1)) + (arg as usize) < width { l + arg as usize } else { l }
-                    }
-                    _ => {
-                        let s = l ^ (arg as usize & 31);
-                        if s & !(width - 1) == seg { s } else { l }
-                    }
-                };
-                // A lane outside the mask holds no defined value: a NaN pattern shows it.
-                let v = if mask & (1 << src) != 0 { rd::<8>(&w.inp[src], 0) } else { [0xff; 8] };
-                w.out[l][..8].copy_from_slice(&v);
-            }
-        }
-        BALLOT..=ALL => {
-            let bits = lanes.clone().filter(|&l| w.inp[l][0] != 0).fold(0u32, |a, l| a | 1 << l);
-            let r = match w.op {
-                BALLOT => bits as u64,
-                ANY => (bits != 0) as u64,
-                _ => (bits == mask) as u64,
-            };
-            for l in lanes {
-                w.out[l][..8].copy_from_slice(&r.to_le_bytes());
-            }
-        }
-        MMA_16816 => mma(w),
-        _ => {}
-    }
-}
-
-/// mma.m16n8k16.row.col.f32.f16.f16.f32 with the PTX fragment layout: lane = 4 g + t;
-/// a0..a3 hold A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..] (two halves each, the
-/// lower column in the low half); b0, b1 hold B[2t..][g], B[2t+8..][g]; c0..c3 hold
-/// C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]. Products of f16 values are exact in f32;
-/// the sums run in f32 in k order (the GPU's order is unspecified).
-fn mma(w: &mut Warp) {
-    let h = |u: u32, hi: bool| half::f16::from_bits(if hi { (u >> 16) as u16 } else { u as u16 }).to_f32();
-    let (mut a, mut bm, mut c) = ([[0f32; 16]; 16], [[0f32; 8]; 16], [[0f32; 8]; 16]);
-    for lane in 0..32 {
-        let (g, t) = (lane / 4, lane % 4);
-        let reg = |i: usize| u32::from_le_bytes(rd(&w.inp[lane], 4 * i));
-        for (i, (r, k)) in [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)].into_iter().enumerate() {
-            a[r][k] = h(reg(i), false);
-            a[r][k + 1] = h(reg(i), true);
-        }
-        for (i, k) in [2 * t, 2 * t + 8].into_iter().enumerate() {
-            bm[k][g] = h(reg(4 + i), false);
-            bm[k + 1][g] = h(reg(4 + i), true);
-        }
-        for (i, (r, n)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate() {
-            c[r][n] = f32::from_le_bytes(rd(&w.inp[lane], 24 + 4 * i));
-        }
-    }
-    for lane in 0..32 {
-        let (g, t) = (lane / 4, lane % 4);
-        for (i, (r, n)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate() {
-            let mut acc = c[r][n];
-            for k in 0..16 {
-                acc += a[r][k] * bm[k][n];
-            }
-            w.out[lane][4 * i..4 * i + 4].copy_from_slice(&acc.to_le_bytes());
-        }
-    }
 }
 
 unsafe extern "C" fn fiber_main(arg: *mut c_void) -> ! {
@@ -476,11 +348,11 @@ unsafe extern "C" fn fault_exit() -> ! {
     std::process::abort()
 }
 
-struct OldAction(libc::sigaction);
+pub(crate) struct OldAction(libc::sigaction);
 // SAFETY: written once, before any fault can reach the handler, then only read.
 unsafe impl Sync for OldAction {}
-static mut OLD_SEGV: Option<OldAction> = None;
-static mut OLD_BUS: Option<OldAction> = None;
+pub(crate) static mut OLD_SEGV: Option<OldAction> = None;
+pub(crate) static mut OLD_BUS: Option<OldAction> = None;
 
 unsafe extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut c_void) {
     let b = CUR.get();
@@ -535,9 +407,9 @@ pub struct Config {
     pub stack: usize,
 }
 
-static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 /// Fiber stacks, kept between launches (a set per worker).
-static STACKS: Mutex<Vec<Vec<Stack>>> = Mutex::new(Vec::new());
+pub(crate) static STACKS: Mutex<Vec<Vec<Stack>>> = Mutex::new(Vec::new());
 
 /// An error from a launch: the driver's code and what happened.
 pub struct LaunchError {
@@ -545,9 +417,9 @@ pub struct LaunchError {
     pub msg: String,
 }
 
-const ILLEGAL_ADDRESS: u32 = 700;
-const LAUNCH_FAILED: u32 = 719;
-const STACK_ERROR: u32 = 714;
+pub(crate) const ILLEGAL_ADDRESS: u32 = 700;
+pub(crate) const LAUNCH_FAILED: u32 = 719;
+pub(crate) const STACK_ERROR: u32 = 714;
 
 /// Run every block of `l`.
 pub fn run(l: &Launch, cfg: &Config) -> Result<(), LaunchError> {
@@ -603,7 +475,7 @@ pub fn run(l: &Launch, cfg: &Config) -> Result<(), LaunchError> {
     }
 }
 
-fn run_block(l: &Launch, bi: usize, n: usize, stacks: &[Stack], dyn_smem: &mut [u128], seed: u64) -> Result<(), LaunchError> {
+pub(crate) fn run_block(l: &Launch, bi: usize, n: usize, stacks: &[Stack], dyn_smem: &mut [u128], seed: u64) -> Result<(), LaunchError> {
     let [gx, gy, _] = l.grid;
     let bid = [(bi % gx as usize) as u32, (bi / gx as usize % gy as usize) as u32, (bi / (gx as usize * gy as usize)) as u32];
     let [bx, by, _] = l.block;
