@@ -47,7 +47,6 @@ impl Kernel {
 pub struct Module {
     handle: *mut c_void,
     path: std::path::PathBuf,
-    tls_modid: usize,
     /// Bytes of the unit's thread-local block: its `__shared__` variables.
     pub tls_size: usize,
     touch: unsafe extern "C" fn(),
@@ -122,7 +121,6 @@ pub unsafe fn load(image: *const u8) -> Result<Loaded, (u32, String)> {
     let module = Arc::new(Module {
         handle,
         path,
-        tls_modid: modid,
         tls_size: tls_size(modid),
         touch: std::mem::transmute::<*mut c_void, unsafe extern "C" fn()>(touch),
         block_begin,
@@ -203,7 +201,6 @@ impl Module {
             // SAFETY: the unit's own function; the ranges are this block's.
             unsafe { bb(p as *mut u8, if p.is_null() { 0 } else { self.tls_size }, dyn_ptr, dyn_len) };
         }
-        let _ = self.tls_modid;
         (p as usize, if p.is_null() { 0 } else { self.tls_size })
     }
 }
