@@ -281,6 +281,14 @@ impl<E: BorrowMut<Engine>> Generation<E> {
         self.prefilled = true;
         Ok(n < todo)
     }
+    /// End the generation here, as cancelled (unless it already ended): the next
+    /// [`Iterator::next`] only flushes the held-back text, with no model work.
+    pub fn stop(&mut self) {
+        if self.finish.is_none() {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+    }
+
     fn cancelled(&self) -> bool {
         self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }

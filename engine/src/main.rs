@@ -7,10 +7,17 @@ use flint::sampler::SamplerConfig;
 use flint::speculative::{DraftSource, SpecConfig};
 use flint::tokenizer::Message;
 use flint::{pull, synth, BackendKind, Loaded};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+#[path = "cli/chat.rs"]
+mod chat;
+#[path = "cli/serve.rs"]
+mod serve;
+use chat::chat;
+use serve::{serve, ServeArgs};
 
 #[derive(Parser)]
 #[command(name = "flint", version, about = "Real-time, low-latency LLM decoding")]
@@ -168,46 +175,6 @@ enum HdlCmd {
     },
 }
 
-#[derive(Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// 0 picks a free port (the address is printed).
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// Open WebSocket sessions at most (each keeps its conversation's KV cache).
-    #[arg(long, default_value_t = 32)]
-    max_sessions: usize,
-    /// Generations in progress at once; they take turns step by step, the rest queue.
-    #[arg(long, default_value_t = 8)]
-    parallel: usize,
-    /// Generations waiting at most; beyond it requests are refused as busy.
-    #[arg(long, default_value_t = 64)]
-    max_queue: usize,
-    /// Largest WebSocket message or HTTP body, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
-    max_message: usize,
-    /// Longest prompt in tokens (default: the model's context).
-    #[arg(long)]
-    max_prompt: Option<usize>,
-    /// max_tokens for requests that do not set it.
-    #[arg(long, default_value_t = 512)]
-    max_tokens: usize,
-    /// Prompt tokens per prefill slice (a long prompt yields to other sessions between slices).
-    #[arg(long, default_value_t = 128)]
-    prefill_chunk: usize,
-    /// Seconds running generations may go on after Ctrl-C or SIGTERM before they are cancelled.
-    #[arg(long, default_value_t = 5.0)]
-    shutdown_grace: f64,
-    /// Speculative decoding for requests that do not choose: none or ngram (prompt lookup).
-    #[arg(long)]
-    speculative: Option<String>,
-    /// Seconds a WebSocket session may sit idle (no message, nothing generating) before it is closed.
-    #[arg(long, default_value_t = 600.0)]
-    idle_timeout: f64,
-}
 
 #[derive(Args)]
 struct SamplingArgs {
@@ -603,96 +570,7 @@ fn hdl_vectors(
     Ok(())
 }
 
-fn serve(a: ServeArgs) -> Result<()> {
-    if let Some(s) = a.speculative.as_deref() {
-        if !matches!(s, "none" | "ngram") {
-            bail!("--speculative for serve: none or ngram (requests bring their own prediction)");
-        }
-    }
-    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0 && a.shutdown_grace < 1e9) {
-        bail!("--shutdown-grace must be a number of seconds >= 0");
-    }
-    if !(a.idle_timeout.is_finite() && a.idle_timeout > 0.0 && a.idle_timeout < 1e9) {
-        bail!("--idle-timeout must be a number of seconds > 0");
-    }
-    let path = model_path(&a.model.model)?;
-    let l = Loaded::open(&path)?;
-    let engine = l.engine_on(a.model.backend, 0, a.model.adapter.as_deref())?;
-    let model_id = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
-    let opts = flint::server::Options {
-        host: a.host,
-        port: a.port,
-        max_sessions: a.max_sessions,
-        parallel: a.parallel,
-        max_queue: a.max_queue,
-        max_message: a.max_message,
-        max_prompt: a.max_prompt.unwrap_or(usize::MAX),
-        default_max_tokens: a.max_tokens,
-        prefill_chunk: a.prefill_chunk,
-        shutdown_grace: std::time::Duration::from_secs_f64(a.shutdown_grace),
-        idle_timeout: std::time::Duration::from_secs_f64(a.idle_timeout),
-        speculative: a.speculative,
-    };
-    flint::server::serve(engine, model_id, opts)
-}
 
-fn chat(m: ModelArgs, s: SamplingArgs, system: Option<String>, max_tokens: usize) -> Result<()> {
-    let l = Loaded::open(&model_path(&m.model)?)?;
-    let mut engine = l.engine_on(m.backend, 4096.min(l.config.n_ctx), m.adapter.as_deref())?;
-    let generating = Arc::new(AtomicBool::new(false));
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let (g, c) = (generating.clone(), cancel.clone());
-        ctrlc::set_handler(move || {
-            if g.load(Ordering::SeqCst) {
-                c.store(true, Ordering::SeqCst);
-            } else {
-                eprintln!();
-                std::process::exit(130);
-            }
-        })
-        .context("cannot install the Ctrl-C handler")?;
-    }
-    let mut history: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
-    eprintln!("flint chat ({}): type a message; /reset clears the history; Ctrl-C stops an answer; Ctrl-D quits.", engine.fwd.backend_name());
-    let stdin = std::io::stdin();
-    loop {
-        out("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            out("\n");
-            return Ok(());
-        }
-        let line = line.trim_end_matches(['\n', '\r']);
-        if line.trim().is_empty() {
-            continue;
-        }
-        if line.trim() == "/reset" {
-            history.truncate(system.is_some() as usize);
-            engine.reset();
-            continue;
-        }
-        history.push(Message::new("user", line));
-        let prompt = l.tokenizer.chat_tokens(&history)?;
-        let mut req = Request::new(prompt, max_tokens, s.config());
-        req.stop = s.stop.clone();
-        cancel.store(false, Ordering::SeqCst);
-        generating.store(true, Ordering::SeqCst);
-        let result = stream(&mut engine, req, cancel.clone(), true);
-        generating.store(false, Ordering::SeqCst);
-        match result {
-            Ok(o) => {
-                out("\n");
-                report_timings(&o);
-                history.push(Message::new("assistant", &o.text));
-            }
-            Err(e) => {
-                eprintln!("flint: error: {e:#}");
-                history.pop();
-            }
-        }
-    }
-}
 
 fn info(path: &std::path::Path, all: bool) -> Result<()> {
     let g = flint::gguf::Gguf::open(path)?;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod gpu_ops;
+pub mod server;
 
 use flint::quant::GgmlType;
 use flint::synth::Spec;

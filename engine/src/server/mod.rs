@@ -4,6 +4,8 @@
 //!   cancel and redirect (docs/protocol.md);
 //! - `/v1/chat/completions`, `/v1/completions`, `/v1/models`: OpenAI-compatible HTTP, with
 //!   server-sent events when streaming;
+//! - `/v1/responses`: the OpenAI Responses API, over HTTP and in its WebSocket mode
+//!   ([`responses`]);
 //! - `/health`, `/metrics` (Prometheus), and `/`: a browser page for the WebSocket session.
 //!
 //! Every request becomes a job for the engine thread ([`scheduler`]), which owns the model
@@ -11,6 +13,7 @@
 
 pub mod metrics;
 mod openai;
+mod responses;
 pub mod scheduler;
 mod ws;
 
@@ -25,7 +28,7 @@ use axum::Router;
 use metrics::Metrics;
 use scheduler::{Limits, Scheduler};
 use serde::Deserialize;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -55,6 +58,10 @@ pub struct Options {
     pub idle_timeout: Duration,
     /// Speculative decoding for requests that do not choose ("none" or "ngram").
     pub speculative: Option<String>,
+    /// Finished Responses-API responses kept for `previous_response_id` and `GET`, at most.
+    pub max_stored_responses: usize,
+    /// And for at most this long.
+    pub stored_response_ttl: Duration,
 }
 
 impl Default for Options {
@@ -72,6 +79,8 @@ impl Default for Options {
             shutdown_grace: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             speculative: None,
+            max_stored_responses: 256,
+            stored_response_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -86,6 +95,7 @@ pub(crate) struct State {
     pub sessions: Arc<Semaphore>,
     pub next_id: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
+    pub responses: responses::store::Store,
 }
 
 /// Error codes shared by the WebSocket `error` event and the HTTP error body.
@@ -101,6 +111,12 @@ impl ApiError {
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new("invalid_request", message)
+    }
+}
+
+impl From<scheduler::Refused> for ApiError {
+    fn from(r: scheduler::Refused) -> Self {
+        ApiError { code: r.code, message: r.message }
     }
 }
 
@@ -201,10 +217,6 @@ impl State {
         req.speculative = speculative;
         Ok(req)
     }
-
-    pub fn new_cancel() -> Arc<AtomicBool> {
-        Arc::new(AtomicBool::new(false))
-    }
 }
 
 /// The engine's timings of a finished generation, as both APIs report them.
@@ -252,6 +264,7 @@ impl App {
         let (n_ctx, tokenizer) = (engine.fwd.config().n_ctx, engine.tokenizer.clone());
         let (scheduler, engine_thread) = Scheduler::start(engine, limits, metrics.clone());
         let state = Arc::new(State {
+            responses: responses::store::Store::new(opts.max_stored_responses, opts.stored_response_ttl),
             sessions: Arc::new(Semaphore::new(opts.max_sessions)),
             opts,
             model_id,
@@ -275,6 +288,8 @@ impl App {
             .route("/v1/models", get(openai::models))
             .route("/v1/chat/completions", post(openai::chat))
             .route("/v1/completions", post(openai::completions))
+            .route("/v1/responses", post(responses::http::create).get(responses::socket::upgrade))
+            .route("/v1/responses/{id}", get(responses::http::get).delete(responses::http::delete))
             .fallback(openai::not_found)
             .layer(axum::extract::DefaultBodyLimit::max(state.opts.max_message))
             .with_state(state.clone());
@@ -310,6 +325,7 @@ async fn health(axum::extract::State(s): axum::extract::State<Arc<State>>) -> im
         "sessions": s.metrics.sessions.get(),
         "active_generations": s.metrics.active_generations.get(),
         "queue_depth": s.metrics.queue_depth.get(),
+        "stored_responses": s.responses.len(),
     }))
 }
 

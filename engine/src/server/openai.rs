@@ -2,7 +2,7 @@
 //! server-sent events, or whole), `/v1/models`, and OpenAI-style error bodies.
 //! A client that disconnects drops the event receiver, which cancels its generation.
 
-use super::scheduler::{Event, Job, Slot, CHANNEL};
+use super::scheduler::{Event, Events, Slot};
 use super::{ApiError, GenParams, State};
 use crate::generate::Outcome;
 use crate::tokenizer::Message;
@@ -18,16 +18,15 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
 
-pub(super) fn error_response(status: u16, e: ApiError) -> Response {
+pub(crate) fn error_response(status: u16, e: ApiError) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
     let body = json!({"error": {"message": e.message, "type": kind, "param": null, "code": e.code}});
     (status, axum::Json(body)).into_response()
 }
 
-fn status_of(code: &str) -> u16 {
+pub(crate) fn status_of(code: &str) -> u16 {
     match code {
         "busy" | "shutting_down" => 503,
         "too_large" => 413,
@@ -37,7 +36,7 @@ fn status_of(code: &str) -> u16 {
     }
 }
 
-fn fail(e: ApiError) -> Response {
+pub(crate) fn fail(e: ApiError) -> Response {
     error_response(status_of(e.code), e)
 }
 
@@ -47,7 +46,22 @@ pub(super) async fn not_found(uri: axum::http::Uri) -> Response {
 
 pub(super) async fn models(AxState(s): AxState<Arc<State>>) -> Response {
     let m = json!({"id": s.model_id, "object": "model", "created": 0, "owned_by": "flint", "context_length": s.n_ctx});
-    axum::Json(json!({"object": "list", "data": [m]})).into_response()
+    // `models`: the catalog the Codex CLI reads from its provider (it warns without one).
+    axum::Json(json!({"object": "list", "data": [m], "models": [codex_model(&s)]})).into_response()
+}
+
+/// The model as an entry of the Codex CLI's model catalog (its `ModelInfo`; every field it
+/// requires is here). The base instructions are Flint's short ones: Codex's own are 17 KB,
+/// more than a small model's context can spare.
+fn codex_model(s: &State) -> Value {
+    json!({
+        "slug": s.model_id, "display_name": s.model_id, "description": "served by Flint",
+        "context_window": s.n_ctx, "supported_reasoning_levels": [], "shell_type": "shell_command",
+        "visibility": "list", "supported_in_api": true, "priority": 1, "support_verbosity": false,
+        "truncation_policy": {"mode": "tokens", "limit": 4096}, "experimental_supported_tools": [],
+        "base_instructions": "You are Codex, a coding agent, running on a local model served by Flint. \
+            Answer concisely. Use the tools when the task needs them.",
+    })
 }
 
 /// Message content: a string, or text parts (`[{"type": "text", "text": ...}]`).
@@ -141,6 +155,11 @@ struct CompletionRequest {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    serde_json::from_value(parse_body(body)?).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// A request body as a JSON object, or the reason it is not one.
+pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new("too_large", "the request body is over the server's limit")
@@ -152,7 +171,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) ->
     if !v.is_object() {
         return Err(ApiError::invalid("the body must be a JSON object"));
     }
-    serde_json::from_value(v).map_err(|e| ApiError::invalid(e.to_string()))
+    Ok(v)
 }
 
 #[derive(Clone, Copy)]
@@ -263,8 +282,8 @@ async fn run(s: Arc<State>, prompt: Vec<u32>, c: Common, kind: Kind) -> Response
         Ok(r) => r,
         Err(e) => return fail(e),
     };
-    let (tx, mut rx) = mpsc::channel(CHANNEL);
-    s.scheduler.submit(Job { slot: Slot::Pool, req, cancel: State::new_cancel(), events: tx });
+    // Dropping the events (a client that disconnects) cancels the generation.
+    let mut rx = s.scheduler.submit_or_refuse(Slot::Pool, req).events;
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let prefix = match kind {
         Kind::Chat => "chatcmpl",
@@ -285,7 +304,7 @@ async fn run(s: Arc<State>, prompt: Vec<u32>, c: Common, kind: Kind) -> Response
     }
 }
 
-async fn whole(meta: Meta, first: Event, mut rx: mpsc::Receiver<Event>) -> Response {
+async fn whole(meta: Meta, first: Event, mut rx: Events) -> Response {
     let mut ev = Some(first);
     loop {
         match ev {
@@ -314,7 +333,7 @@ async fn whole(meta: Meta, first: Event, mut rx: mpsc::Receiver<Event>) -> Respo
 
 /// The generation as server-sent events: a role chunk (chat), text chunks, a finish chunk,
 /// the usage chunk when asked for, then `[DONE]`.
-fn sse_stream(meta: Meta, first: Event, rx: mpsc::Receiver<Event>, include_usage: bool) -> impl Stream<Item = Result<Sse, Infallible>> {
+fn sse_stream(meta: Meta, first: Event, rx: Events, include_usage: bool) -> impl Stream<Item = Result<Sse, Infallible>> {
     let data = |v: Value| Ok(Sse::default().data(v.to_string()));
     let mut opening = Vec::new();
     if let Kind::Chat = meta.kind {

@@ -3,33 +3,42 @@
 //! The conversation's tokens are kept here and its KV cache in the engine thread, so a
 //! follow-up turn or a redirect appends to the context and prefills only the new tokens.
 
-use super::scheduler::{Event, Job, Slot, CHANNEL};
+use super::scheduler::{Control, Event, Events, Slot};
 use super::{ApiError, GenParams, State};
-use crate::generate::{FinishReason, Outcome};
+use crate::generate::Outcome;
 use crate::tokenizer::Message;
 use axum::extract::ws::{CloseFrame, Message as Ws, WebSocket, WebSocketUpgrade};
 use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Frames beyond this close the connection (code 1009); below it, messages over
 /// `max_message` get an `error` event and the connection stays usable.
 const HARD_LIMIT: usize = 16 << 20;
 
 pub(super) async fn upgrade(AxState(state): AxState<Arc<State>>, ws: WebSocketUpgrade) -> Response {
+    match admit(&state, ws) {
+        Ok((permit, ws)) => ws.on_upgrade(move |socket| session(state, socket, permit)).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// A session place and the socket's frame limits, or the HTTP refusal (shutting down, or
+/// every session place taken). Both WebSocket protocols share the places.
+pub(super) fn admit(state: &State, ws: WebSocketUpgrade) -> Result<(OwnedSemaphorePermit, WebSocketUpgrade), Response> {
     if *state.shutdown.borrow() {
-        return super::openai::error_response(503, ApiError::new("shutting_down", "the server is shutting down"));
+        return Err(super::openai::error_response(503, ApiError::new("shutting_down", "the server is shutting down")));
     }
     let Ok(permit) = state.sessions.clone().try_acquire_owned() else {
         let msg = format!("the server holds its maximum of {} sessions; retry later", state.opts.max_sessions);
-        return super::openai::error_response(503, ApiError::new("busy", msg));
+        return Err(super::openai::error_response(503, ApiError::new("busy", msg)));
     };
     let hard = HARD_LIMIT.max(2 * state.opts.max_message);
-    ws.max_message_size(hard).max_frame_size(hard).on_upgrade(move |socket| session(state, socket, permit)).into_response()
+    Ok((permit, ws.max_message_size(hard).max_frame_size(hard)))
 }
 
 /// A turn's content: new messages for the conversation, or a raw prompt.
@@ -59,14 +68,30 @@ struct Update {
 }
 
 struct Running {
-    rx: mpsc::Receiver<Event>,
-    /// An event read while merging deltas, handed out next.
-    pending: Option<Event>,
-    cancel: Arc<AtomicBool>,
+    events: Events,
+    control: Control,
     id: Option<Value>,
     chat: bool,
-    /// Set by `redirect`: the turn to start once this one has stopped.
-    redirect: Option<Turn>,
+}
+
+/// Where the conversation's turn is. A turn leaves `Running` or `Redirecting` only on its
+/// final event (`done` or `error`), so the client's next `generate` after a `done` that is
+/// not `redirected` always finds the conversation idle.
+enum TurnState {
+    Idle,
+    Running(Running),
+    /// `redirect` arrived: the running turn stops at its next token (or has just ended on
+    /// its own), then this turn starts on its context. Its `done` says `redirected`.
+    Redirecting(Running, Turn),
+}
+
+impl TurnState {
+    fn running(&mut self) -> Option<&mut Running> {
+        match self {
+            TurnState::Idle => None,
+            TurnState::Running(r) | TurnState::Redirecting(r, _) => Some(r),
+        }
+    }
 }
 
 struct Conn {
@@ -78,19 +103,19 @@ struct Conn {
     context: Vec<u32>,
     /// Whether `context` is a chat (so the next turn appends with the template).
     chat: bool,
-    running: Option<Running>,
+    turn: TurnState,
 }
 
 async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     state.metrics.sessions.inc();
-    let mut c = Conn { id, state: state.clone(), system: None, defaults: GenParams::default(), context: Vec::new(), chat: false, running: None };
+    let mut c = Conn { id, state: state.clone(), system: None, defaults: GenParams::default(), context: Vec::new(), chat: false, turn: TurnState::Idle };
     let hello = json!({"type": "session", "id": id.to_string(), "model": state.model_id, "n_ctx": state.n_ctx});
     let mut shutdown = state.shutdown.clone();
     let mut last_seen = tokio::time::Instant::now();
     if socket.send(text(&hello)).await.is_ok() {
         loop {
-            if *shutdown.borrow() && c.running.is_none() {
+            if *shutdown.borrow() && matches!(c.turn, TurnState::Idle) {
                 let close = CloseFrame { code: 1001, reason: "server shutting down".into() };
                 let _ = socket.send(Ws::Close(Some(close))).await;
                 break;
@@ -104,12 +129,12 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
                     }
                     _ => break, // closed or broken: the engine cancels the job when its channel closes
                 },
-                _ = idle, if c.running.is_none() => {
+                _ = idle, if matches!(c.turn, TurnState::Idle) => {
                     let close = CloseFrame { code: 1001, reason: "idle".into() };
                     let _ = socket.send(Ws::Close(Some(close))).await;
                     break;
                 }
-                ev = next_event(&mut c.running) => {
+                ev = next_event(&mut c.turn) => {
                     last_seen = tokio::time::Instant::now();
                     c.on_event(ev)
                 }
@@ -129,10 +154,10 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
             }
         }
     }
-    if let Some(r) = &c.running {
-        r.cancel.store(true, Ordering::SeqCst);
+    if let Some(r) = c.turn.running() {
+        r.control.cancel();
     }
-    drop(c.running.take());
+    c.turn = TurnState::Idle;
     state.scheduler.close(id);
     state.metrics.sessions.dec();
 }
@@ -145,30 +170,14 @@ fn error(e: ApiError) -> Value {
     json!({"type": "error", "code": e.code, "message": e.message})
 }
 
-/// The next event of the running generation, with the deltas already waiting merged into
-/// one (a slow client gets fewer, larger messages). Pending forever when none runs.
-async fn next_event(r: &mut Option<Running>) -> Event {
-    let Some(r) = r else { return std::future::pending().await };
-    if let Some(ev) = r.pending.take() {
-        return ev;
+/// The next event of the running turn, with the deltas already waiting merged into one (a
+/// slow client gets fewer, larger messages). Pending forever when no turn runs.
+async fn next_event(t: &mut TurnState) -> Event {
+    let Some(r) = t.running() else { return std::future::pending().await };
+    match r.events.recv_merged().await {
+        Some(ev) => ev,
+        None => Event::Error { code: "internal", message: "the turn's events ended twice".into() },
     }
-    let Some(first) = r.rx.recv().await else {
-        return Event::Error { code: "internal", message: "the engine dropped the generation".into() };
-    };
-    let Event::Delta { mut text, mut tokens } = first else { return first };
-    while let Ok(ev) = r.rx.try_recv() {
-        match ev {
-            Event::Delta { text: t, tokens: k } => {
-                text.push_str(&t);
-                tokens.extend(k);
-            }
-            other => {
-                r.pending = Some(other);
-                break;
-            }
-        }
-    }
-    Event::Delta { text, tokens }
 }
 
 impl Conn {
@@ -203,7 +212,7 @@ impl Conn {
         match kind.as_str() {
             "session.update" => {
                 let u: Update = parse(&kind, v)?;
-                if self.running.is_some() && (u.reset || u.system.is_some()) {
+                if !matches!(self.turn, TurnState::Idle) && (u.reset || u.system.is_some()) {
                     return Err(ApiError::new("busy", "cannot reset the conversation while it generates; cancel first"));
                 }
                 if u.reset || u.system.is_some() {
@@ -220,11 +229,11 @@ impl Conn {
                 Ok(vec![json!({"type": "session.updated", "system": self.system, "context_tokens": self.context.len()})])
             }
             "generate" => {
-                if self.running.is_some() {
+                if !matches!(self.turn, TurnState::Idle) {
                     return Err(ApiError::new("busy", "a generation is running: cancel or redirect it"));
                 }
                 let t: Turn = parse(&kind, v)?;
-                self.start(t)?;
+                self.turn = TurnState::Running(self.start(t)?);
                 Ok(Vec::new())
             }
             "redirect" => {
@@ -232,20 +241,26 @@ impl Conn {
                 if t.prompt.is_some() {
                     return Err(ApiError::invalid("redirect continues the conversation: send content or messages"));
                 }
-                match &mut self.running {
-                    Some(r) => {
-                        r.redirect = Some(t);
-                        r.cancel.store(true, Ordering::SeqCst);
+                // A second redirect before the first has started replaces it.
+                self.turn = match std::mem::replace(&mut self.turn, TurnState::Idle) {
+                    TurnState::Idle => TurnState::Running(self.start(t)?),
+                    TurnState::Running(r) | TurnState::Redirecting(r, _) => {
+                        r.control.steer();
+                        TurnState::Redirecting(r, t)
                     }
-                    None => self.start(t)?,
-                }
+                };
                 Ok(Vec::new())
             }
             "cancel" => {
-                // A cancel that crosses the end of the generation is not an error.
-                if let Some(r) = &self.running {
-                    r.cancel.store(true, Ordering::SeqCst);
-                }
+                // A cancel that crosses the end of the generation is not an error; it also
+                // drops a redirect that has not started.
+                self.turn = match std::mem::replace(&mut self.turn, TurnState::Idle) {
+                    TurnState::Idle => TurnState::Idle,
+                    TurnState::Running(r) | TurnState::Redirecting(r, _) => {
+                        r.control.cancel();
+                        TurnState::Running(r)
+                    }
+                };
                 Ok(Vec::new())
             }
             other => Err(ApiError::new(
@@ -256,7 +271,7 @@ impl Conn {
     }
 
     /// Tokenize a turn against the conversation and hand it to the engine.
-    fn start(&mut self, t: Turn) -> Result<(), ApiError> {
+    fn start(&mut self, t: Turn) -> Result<Running, ApiError> {
         let tk = &self.state.tokenizer;
         let bad = |e: anyhow::Error| ApiError::invalid(e.to_string());
         let (prompt, chat) = match (t.prompt, t.messages, t.content) {
@@ -286,34 +301,46 @@ impl Conn {
             _ => return Err(ApiError::invalid("send either prompt or content/messages, not both")),
         };
         let req = self.state.request(prompt, &t.params.over(&self.defaults), t.prediction.as_deref())?;
-        let (tx, rx) = mpsc::channel(CHANNEL);
-        let cancel = State::new_cancel();
-        self.state.scheduler.submit(Job { slot: Slot::Conv(self.id), req, cancel: cancel.clone(), events: tx });
-        self.running = Some(Running { rx, pending: None, cancel, id: t.id, chat, redirect: None });
-        Ok(())
+        let ticket = self.state.scheduler.submit(Slot::Conv(self.id), req)?;
+        Ok(Running { events: ticket.events, control: ticket.control, id: t.id, chat })
     }
 
     fn on_event(&mut self, ev: Event) -> Vec<Value> {
-        match ev {
-            Event::Delta { text, tokens } => vec![json!({"type": "delta", "text": text, "tokens": tokens})],
-            Event::Error { code, message } => {
-                self.running = None;
-                vec![error(ApiError { code, message })]
+        let end = match ev {
+            Event::Delta { text, tokens } => return vec![json!({"type": "delta", "text": text, "tokens": tokens})],
+            Event::Error { code, message } => Err(ApiError { code, message }),
+            Event::Done(o) => Ok(o),
+        };
+        // The final event: the turn is over, whatever follows.
+        let (r, next) = match std::mem::replace(&mut self.turn, TurnState::Idle) {
+            TurnState::Idle => unreachable!("events come from a running turn"),
+            TurnState::Running(r) => (r, None),
+            TurnState::Redirecting(r, t) => (r, Some(t)),
+        };
+        let mut out = vec![match end {
+            Err(e) => {
+                // Marked, so a client tells it from the refusal of a message it sent.
+                let mut v = error(e);
+                v["turn_ended"] = json!(true);
+                v["id"] = r.id.unwrap_or(Value::Null);
+                v
             }
-            Event::Done(o) => {
-                let r = self.running.take().expect("events come from a running generation");
+            Ok(o) => {
                 self.context = o.prompt_tokens.iter().chain(&o.tokens).copied().collect();
                 self.chat = r.chat;
-                let redirected = r.redirect.is_some() && o.finish_reason == FinishReason::Cancelled;
-                let mut out = vec![done(&o, r.id, if redirected { "redirected" } else { o.finish_reason.as_str() })];
-                if let Some(t) = r.redirect {
-                    if let Err(e) = self.start(t) {
-                        out.push(error(e));
-                    }
-                }
-                out
+                // Redirected whether the stop cut the answer short or crossed its natural
+                // end: either way the redirected turn follows.
+                let reason = if next.is_some() { "redirected" } else { o.finish_reason.as_str() };
+                done(&o, r.id, reason)
+            }
+        }];
+        if let Some(t) = next {
+            match self.start(t) {
+                Ok(r) => self.turn = TurnState::Running(r),
+                Err(e) => out.push(error(e)),
             }
         }
+        out
     }
 }
 
