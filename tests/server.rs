@@ -6,18 +6,16 @@
 
 mod common;
 
-use common::server::{http, Server, Ws};
+use common::server::{http, unsafe_kill, Server, Ws};
 use common::{python_with, tiny_model};
 use flint::quant::GgmlType;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 fn tokens(deltas: &[Value]) -> usize {
     deltas.iter().map(|d| d["tokens"].as_array().unwrap().len()).sum()

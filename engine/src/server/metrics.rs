@@ -12,6 +12,12 @@ pub struct Finish {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Protocol {
+    /// `ws` (`/v1/ws`) or `responses` (the Responses API's WebSocket mode).
+    pub protocol: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// From a job's submission (queueing included) to its first token.
@@ -28,6 +34,7 @@ pub struct Metrics {
     pub drafted_tokens: Counter,
     pub accepted_tokens: Counter,
     pub requests: Family<Finish, Counter>,
+    pub sessions_opened: Family<Protocol, Counter>,
     pub sessions: Gauge,
     pub active_generations: Gauge,
     pub queue_depth: Gauge,
@@ -51,6 +58,7 @@ impl Metrics {
             drafted_tokens: Counter::default(),
             accepted_tokens: Counter::default(),
             requests: Family::default(),
+            sessions_opened: Family::default(),
             sessions: Gauge::default(),
             active_generations: Gauge::default(),
             queue_depth: Gauge::default(),
@@ -67,6 +75,7 @@ impl Metrics {
         r.register("speculative_accepted_tokens", "Draft tokens the model accepted", m.accepted_tokens.clone());
         r.register("requests", "Finished generations by finish reason", m.requests.clone());
         r.register("sessions", "Open WebSocket sessions", m.sessions.clone());
+        r.register("sessions_opened", "WebSocket sessions opened, by protocol", m.sessions_opened.clone());
         r.register("active_generations", "Generations in progress", m.active_generations.clone());
         r.register("queue_depth", "Generations waiting for a turn", m.queue_depth.clone());
         Metrics { registry: r, ..m }

@@ -109,6 +109,7 @@ struct Conn {
 async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     state.metrics.sessions.inc();
+    state.metrics.sessions_opened.get_or_create(&crate::server::metrics::Protocol { protocol: "ws" }).inc();
     let mut c = Conn { id, state: state.clone(), system: None, defaults: GenParams::default(), context: Vec::new(), chat: false, turn: TurnState::Idle };
     let hello = json!({"type": "session", "id": id.to_string(), "model": state.model_id, "n_ctx": state.n_ctx});
     let mut shutdown = state.shutdown.clone();

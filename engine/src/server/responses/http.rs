@@ -8,6 +8,7 @@ use super::{Create, Prepared};
 use crate::server::openai::{error_response, fail, parse_body};
 use crate::server::scheduler::{Control, Event, Events, Slot};
 use crate::server::{timings_json, ApiError, State};
+use crate::generate::{FinishReason, Outcome};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -26,12 +27,30 @@ pub struct Running {
     pub create: Create,
     pub messages: Vec<Message>,
     pub system: String,
+    /// For `generate: false`, the prompt: its response completes at once.
+    warm: Option<Vec<u32>>,
 }
 
 impl Running {
     pub fn new(s: &State, create: Create, p: &Prepared) -> Running {
         let emitter = Emitter::new(&super::new_id("resp"), &s.model_id, &create.echo(), p.tools);
-        Running { emitter, create, messages: p.messages.clone(), system: p.system.clone() }
+        let warm = (create.generate == Some(false)).then(|| p.req.prompt.clone());
+        Running { emitter, create, messages: p.messages.clone(), system: p.system.clone(), warm }
+    }
+
+    /// The closing events and the stored record of a finished response.
+    fn conclude(&mut self, s: &State, o: &Outcome, ending: Ending) -> (Vec<Value>, Arc<Stored>) {
+        let (evs, response) = self.emitter.finish(o, ending, timings_json(o));
+        let mut messages = std::mem::take(&mut self.messages);
+        if self.warm.is_none() {
+            messages.push(Message::new("assistant", &o.text));
+        }
+        let context = o.prompt_tokens.iter().chain(&o.tokens).copied().collect();
+        let stored = Arc::new(Stored::new(response, context, messages, std::mem::take(&mut self.system), self.create.clone()));
+        if stored.create.store != Some(false) {
+            s.responses.put(self.emitter.id().to_string(), stored.clone());
+        }
+        (evs, stored)
     }
 }
 
@@ -54,6 +73,20 @@ pub async fn drive(s: Arc<State>, mut run: Running, mut events: Events, control:
             return Ended::Gone;
         }
     }
+    if let Some(prompt) = run.warm.take() {
+        // Prefill only: the response (an id to continue from) is complete at once, while the
+        // engine warms the cache; the lane's next response waits for it (see `socket`).
+        let o = Outcome { prompt_tokens: prompt, tokens: Vec::new(), text: String::new(), finish_reason: FinishReason::Length, timings: Default::default() };
+        let (evs, stored) = run.conclude(&s, &o, Ending::Natural);
+        for v in evs {
+            if out.send(v).await.is_err() {
+                return Ended::Gone;
+            }
+        }
+        drop(out);
+        while events.recv().await.is_some() {}
+        return Ended::Done(stored);
+    }
     let mut first = first;
     loop {
         let ev = match first.take() {
@@ -72,16 +105,7 @@ pub async fn drive(s: Arc<State>, mut run: Running, mut events: Events, control:
                     Some(_) => Ending::Cancelled,
                     None => Ending::Natural,
                 };
-                let (evs, response) = run.emitter.finish(&o, ending, timings_json(&o));
-                let mut messages = run.messages;
-                if run.create.generate != Some(false) {
-                    messages.push(Message::new("assistant", &o.text));
-                }
-                let context = o.prompt_tokens.iter().chain(&o.tokens).copied().collect();
-                let stored = Arc::new(Stored::new(response, context, messages, run.system, run.create));
-                if stored.create.store != Some(false) {
-                    s.responses.put(run.emitter.id().to_string(), stored.clone());
-                }
+                let (evs, stored) = run.conclude(&s, &o, ending);
                 for v in evs {
                     if out.send(v).await.is_err() {
                         break;

@@ -127,8 +127,8 @@ impl Create {
                     messages.extend(p.messages.iter().skip(usize::from(!p.system.is_empty())).cloned());
                 }
                 messages.extend(new);
-                if messages.iter().all(|m| m.role == "system") {
-                    return Err(ApiError::invalid("input: the conversation needs a user message"));
+                if messages.is_empty() {
+                    return Err(ApiError::invalid("input: the conversation is empty"));
                 }
                 (tk.chat_tokens(&messages).map_err(bad)?, messages)
             }

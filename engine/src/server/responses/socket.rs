@@ -66,6 +66,7 @@ struct Conn {
 
 async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
     state.metrics.sessions.inc();
+    state.metrics.sessions_opened.get_or_create(&crate::server::metrics::Protocol { protocol: "responses" }).inc();
     let (out, mut events) = mpsc::channel(64);
     let mut c = Conn { state: state.clone(), lanes: HashMap::new(), out };
     let mut shutdown = state.shutdown.clone();

@@ -295,3 +295,46 @@ async fn every_turn_ends_once_under_cancel_redirect_steer_and_disconnect() {
     let m = http("GET", &s.url("/metrics"), "");
     assert!(!m.contains("reason=\"internal\""), "no request failed inside: {m}");
 }
+
+/// The two races of the old lifecycle, made certain: with one generation place taken, a
+/// turn is still queued when its cancel (or redirect) arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_or_redirect_of_a_queued_turn_ends_it_properly() {
+    let s = Server::tiny(&["--parallel", "1", "--max-queue", "2"]);
+    let mut hog = s.ws().await;
+    hog.send(json!({"type": "generate", "prompt": "hog", "max_tokens": 100000})).await;
+    assert_eq!(hog.recv().await["type"], "delta");
+    // Cancelled while queued: `done` with `cancelled`, no error, the session usable.
+    let mut a = s.ws().await;
+    a.send(json!({"type": "generate", "content": "hi", "max_tokens": 5, "id": 1})).await;
+    a.send(json!({"type": "cancel"})).await;
+    let (deltas, end) = a.until_end().await;
+    assert!(deltas.is_empty(), "a queued turn generated nothing");
+    assert_eq!((end["type"].as_str(), end["finish_reason"].as_str(), end["id"].as_i64()), (Some("done"), Some("cancelled"), Some(1)), "{end}");
+    // Redirected while queued: the redirected turn follows, once the place is free.
+    a.send(json!({"type": "generate", "content": "hi", "max_tokens": 5, "id": 2})).await;
+    a.send(json!({"type": "redirect", "content": "instead", "max_tokens": 5, "id": 3})).await;
+    let (_, end) = a.until_end().await;
+    assert_eq!((end["finish_reason"].as_str(), end["id"].as_i64()), (Some("redirected"), Some(2)), "{end}");
+    // Cancelled queued turns no longer count against --max-queue: many more fit.
+    let mut others = Vec::new();
+    for i in 0..6 {
+        let mut w = s.ws().await;
+        w.send(json!({"type": "generate", "content": "q", "max_tokens": 3, "id": 10 + i})).await;
+        w.send(json!({"type": "cancel"})).await;
+        let (_, end) = w.until_end().await;
+        assert_eq!(end["finish_reason"], "cancelled", "{end}");
+        others.push(w);
+    }
+    hog.send(json!({"type": "cancel"})).await;
+    assert_eq!(hog.until_end().await.1["finish_reason"], "cancelled");
+    // The redirected turn of `a` ran.
+    let (_, end) = a.until_end().await;
+    assert_eq!((end["type"].as_str(), end["id"].as_i64()), (Some("done"), Some(3)), "{end}");
+    // And a generate right after a done is never busy.
+    for i in 0..5 {
+        a.send(json!({"type": "generate", "content": "again", "max_tokens": 2, "id": 20 + i})).await;
+        let (_, end) = a.until_end().await;
+        assert_eq!(end["type"], "done", "{end}");
+    }
+}

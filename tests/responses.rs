@@ -1,0 +1,179 @@
+//! The OpenAI Responses API end to end: the official `openai` SDK (`tests/server/responses.py`)
+//! and the real Codex CLI against a real `flint serve`, and the protocol's bad input over raw
+//! HTTP and WebSocket.
+
+mod common;
+
+use common::server::{http, Server, Ws};
+use common::{python_with, tiny_model};
+use flint::quant::GgmlType;
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tokio_tungstenite::tungstenite::Message;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn body(r: &str) -> Value {
+    serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+#[test]
+fn openai_sdk_responses_http_and_websocket_mode() {
+    if !python_with("openai_sdk_responses", &["openai", "websockets"]) {
+        return;
+    }
+    // The real model counts and stops where asked, so steering lands mid-answer.
+    let model = common::real_model("openai_sdk_responses (real model)").unwrap_or_else(|| tiny_model(GgmlType::Q8_0, 2048));
+    let s = Server::start(&model, &[]);
+    let st = Command::new("python3").arg(root().join("tests/server/responses.py")).arg(format!("http://{}", s.addr)).status().unwrap();
+    assert!(st.success(), "tests/server/responses.py failed");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_over_http() {
+    let s = Server::tiny(&[]);
+    let url = s.url("/v1/responses");
+    let cases = [
+        ("{not json", 400, "invalid_json"),
+        ("[1]", 400, "invalid_request"),
+        (r#"{"input": 5}"#, 400, "invalid_request"),
+        (r#"{"input": "x", "text": {"format": {"type": "json_schema"}}}"#, 400, "unsupported"),
+        (r#"{"input": [{"role": "robot", "content": "x"}]}"#, 400, "invalid_request"),
+        (r#"{"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}"#, 400, "invalid_request"),
+        (r#"{"input": "x", "previous_response_id": "resp_gone"}"#, 400, "previous_response_not_found"),
+        (r#"{"input": "x", "max_output_tokens": 0}"#, 400, "invalid_request"),
+        (r#"{"input": []}"#, 400, "invalid_request"),
+    ];
+    for (req, status, code) in cases {
+        let r = http("POST", &url, req);
+        assert!(r.starts_with(&format!("HTTP/1.1 {status}")), "{req}: {r}");
+        let b = body(&r);
+        assert_eq!(b["error"]["code"], code, "{req}: {r}");
+        assert!(b["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+    }
+    let r = http("GET", &s.url("/v1/responses/resp_nope"), "");
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    // A whole response, then retrieved, then deleted.
+    let r = http("POST", &url, r#"{"input": "hello", "max_output_tokens": 4}"#);
+    let resp = body(&r);
+    assert_eq!(resp["object"], "response", "{r}");
+    let id = resp["id"].as_str().unwrap();
+    assert_eq!(body(&http("GET", &s.url(&format!("/v1/responses/{id}")), ""))["id"], id);
+    assert_eq!(body(&http("DELETE", &s.url(&format!("/v1/responses/{id}")), ""))["deleted"], true);
+    assert!(http("GET", &s.url(&format!("/v1/responses/{id}")), "").starts_with("HTTP/1.1 404"));
+    // The server serves on, and no request failed inside.
+    let m = http("GET", &s.url("/metrics"), "");
+    assert!(!m.contains("reason=\"internal\""), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_events_over_the_websocket_mode_leave_it_usable() {
+    let s = Server::tiny(&["--max-message", "4096"]);
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/responses", s.addr)).await.unwrap();
+    let mut ws = Ws(ws);
+    let expect_error = |v: &Value, code: &str| {
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["code"], code, "nested, as the SDK reads it: {v}");
+        assert_eq!(v["code"], code, "and flat: {v}");
+    };
+    ws.0.send(Message::text("{oops")).await.unwrap();
+    expect_error(&ws.recv().await, "invalid_json");
+    ws.0.send(Message::binary(vec![0u8; 4])).await.unwrap();
+    expect_error(&ws.recv().await, "binary_frame");
+    ws.send(json!({"type": "response.explode"})).await;
+    expect_error(&ws.recv().await, "unknown_type");
+    ws.send(json!({"type": "response.create", "input": "x".repeat(5000)})).await;
+    expect_error(&ws.recv().await, "too_large");
+    ws.send(json!({"type": "response.create", "input": "x", "stream_id": "bad lane!"})).await;
+    expect_error(&ws.recv().await, "invalid_stream_id");
+    ws.send(json!({"type": "response.create", "input": "x", "previous_response_id": "resp_nope"})).await;
+    expect_error(&ws.recv().await, "previous_response_not_found");
+    ws.send(json!({"type": "response.steer", "input": "x"})).await;
+    let v = ws.recv().await;
+    assert_eq!((v["type"].as_str(), v["error"]["code"].as_str()), (Some("response.steer.failed"), Some("response_not_active")), "{v}");
+    // Still usable: a response runs to its end.
+    ws.send(json!({"type": "response.create", "input": "hello", "max_output_tokens": 3})).await;
+    loop {
+        let v = ws.recv().await;
+        if v["type"] == "response.incomplete" || v["type"] == "response.completed" {
+            assert!(v["response"]["usage"]["output_tokens"].as_u64().unwrap() <= 3, "{v}");
+            break;
+        }
+        assert_ne!(v["type"], "error", "{v}");
+    }
+}
+
+/// The Codex CLI: the npm package's binary (tests/run.sh installs it), or `FLINT_CODEX`.
+fn codex() -> Option<PathBuf> {
+    let p = std::env::var_os("FLINT_CODEX").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flint/codex/node_modules/.bin/codex")
+    });
+    p.exists().then_some(p)
+}
+
+/// `codex exec PROMPT` with a config pointing at `addr`; (exit code, stdout, stderr).
+fn codex_exec(bin: &Path, home: &Path, addr: &str, websockets: bool, prompt: &str) -> (i32, String, String) {
+    let models = home.join("models.json");
+    std::fs::write(&models, http("GET", &format!("http://{addr}/v1/models"), "").split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let catalog: Value = serde_json::from_slice(&std::fs::read(&models).unwrap()).unwrap();
+    let model = catalog["models"][0]["slug"].as_str().unwrap().to_string();
+    let config = format!(
+        "model = {model:?}\nmodel_provider = \"flint\"\nmodel_catalog_json = {:?}\n\n[model_providers.flint]\nname = \"Flint\"\n\
+         base_url = \"http://{addr}/v1\"\nwire_api = \"responses\"\nrequest_max_retries = 0\nstream_max_retries = 0\nsupports_websockets = {websockets}\n",
+        models.to_str().unwrap()
+    );
+    std::fs::write(home.join("config.toml"), config).unwrap();
+    let out = Command::new(bin)
+        .args(["exec", "--skip-git-repo-check", prompt])
+        .env("CODEX_HOME", home)
+        .current_dir(home)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run codex");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn the_codex_cli_answers_over_http_and_websocket() {
+    let Some(bin) = codex() else {
+        assert!(std::env::var_os("FLINT_REQUIRE_CODEX").is_none(), "the Codex CLI is required (FLINT_REQUIRE_CODEX): npm install @openai/codex@0.169.0");
+        eprintln!("SKIPPED the_codex_cli_answers_over_http_and_websocket: no Codex CLI (npm install @openai/codex@0.169.0 into ~/.cache/flint/codex)");
+        return;
+    };
+    let Some(model) = common::real_model("the_codex_cli (real model)") else { return };
+    let s = Server::start(&model, &["--max-tokens", "64"]);
+    let home = common::temp_dir("codex-home");
+    std::fs::create_dir_all(&home).unwrap();
+    // Over HTTP (server-sent events): the answer is printed on stdout.
+    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, false, "say hi");
+    eprintln!("codex over HTTP: rc {rc}, stdout {out:?}");
+    assert_eq!(rc, 0, "codex exec over HTTP failed:\n{err}");
+    assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
+    assert!(!err.contains("Model metadata"), "Codex took Flint's catalog entry without a warning:\n{err}");
+    // Over the WebSocket mode: the prewarm (`generate: false`) prefills the instructions and
+    // tools, and the turn continues on that cache with only its new input.
+    let before = http("GET", &s.url("/metrics"), "");
+    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, true, "say hi");
+    eprintln!("codex over WebSocket: rc {rc}, stdout {out:?}");
+    assert_eq!(rc, 0, "codex exec over WebSocket failed:\n{err}");
+    assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
+    let after = http("GET", &s.url("/metrics"), "");
+    let opened = "flint_sessions_opened_total{protocol=\"responses\"}";
+    assert!(counter(&after, opened) > counter(&before, opened), "Codex used the WebSocket mode:\n{after}");
+    let cached = "flint_cached_prompt_tokens_total";
+    assert!(counter(&after, cached) > counter(&before, cached) + 1000, "the turn continued on the prewarmed cache:\n{after}");
+    // A request past the context: Codex shows OpenAI's context_length_exceeded as such.
+    let long = "Summarize this text. ".to_string() + &"the quick brown fox jumps over the lazy dog ".repeat(1200);
+    let (rc, _, err) = codex_exec(&bin, &home, &s.addr, false, &long);
+    assert_ne!(rc, 0);
+    assert!(err.contains("context window"), "Codex shows the context error:\n{err}");
+    assert!(!http("GET", &s.url("/metrics"), "").contains("reason=\"internal\""));
+}
