@@ -71,7 +71,9 @@ async fn ws_client(addr: String, seed: u64, until: Instant) -> Tally {
             ws.send(json!({"type": "generate", "content": words(&mut rng), "max_tokens": rng.random_range(2..100), "id": id})).await;
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
             let action = rng.random_range(0..10);
-            let mut expect_id = json!(id);
+            // Every generate and every redirect gets exactly one final event of its own id
+            // (a redirect that crosses the natural end is a new turn).
+            let mut expect = vec![json!(id)];
             let mut stray_errors = 0;
             match action {
                 0 | 1 => {
@@ -79,7 +81,7 @@ async fn ws_client(addr: String, seed: u64, until: Instant) -> Tally {
                     t.cancels += 1;
                 }
                 2 | 3 => {
-                    expect_id = json!(id + 500);
+                    expect.push(json!(id + 500));
                     ws.send(json!({"type": "redirect", "content": words(&mut rng), "max_tokens": 20, "id": id + 500})).await;
                     t.redirects += 1;
                 }
@@ -96,27 +98,36 @@ async fn ws_client(addr: String, seed: u64, until: Instant) -> Tally {
                 }
                 _ => {}
             }
-            // Read to the turn's final event.
-            let fin = loop {
+            // Read to the final events, in order, and the garbage's refusals (at any time).
+            let mut finals = Vec::new();
+            while finals.len() < expect.len() || stray_errors > 0 {
                 let v = within(&mut ws, Duration::from_secs(60)).await.expect("a turn ended with no final event within 60 s");
                 match v["type"].as_str().unwrap() {
-                    "delta" => {}
+                    "delta" => assert!(finals.len() < expect.len(), "a delta after the last final event: {v}"),
                     "error" if v.get("turn_ended").is_none() && stray_errors > 0 => stray_errors -= 1,
                     "error" => panic!("turn {id}: a final error: {v}"),
-                    "done" if v["finish_reason"] == "redirected" => {
-                        assert_eq!(expect_id, json!(id + 500), "only a redirect says redirected: {v}");
+                    "done" => {
+                        assert!(finals.len() < expect.len(), "one final event too many: {v}");
+                        assert_eq!(v["id"], expect[finals.len()], "the final events come in order, one per request: {v}");
+                        if v["finish_reason"] == "redirected" {
+                            assert_eq!(expect.len(), 2, "only a redirect says redirected: {v}");
+                        }
+                        finals.push(v);
                     }
-                    "done" => break v,
                     other => panic!("unexpected {other}: {v}"),
                 }
-            };
-            assert_eq!(fin["id"], expect_id, "the final event is the turn's: {fin}");
+            }
+            let fin = finals.pop().expect("a final event");
             if let Some(n) = must_reuse.take() {
                 assert!(fin["usage"]["cached_tokens"].as_u64().unwrap() >= n, "the cache survived the cancel: {fin}");
                 t.cache_checks += 1;
             }
             if fin["finish_reason"] == "cancelled" {
-                must_reuse = fin["usage"]["prompt_tokens"].as_u64();
+                // What its cache held must survive: the whole prompt once an answer began,
+                // else what it had reused (a turn cancelled while queued or in prefill).
+                let u = &fin["usage"];
+                let began = u["completion_tokens"].as_u64().unwrap() > 0;
+                must_reuse = u[if began { "prompt_tokens" } else { "cached_tokens" }].as_u64();
             }
             // Exactly one final event: nothing else follows it.
             if let Some(v) = within(&mut ws, Duration::from_millis(30)).await {
@@ -149,9 +160,10 @@ async fn responses_client(addr: String, seed: u64, until: Instant) -> Tally {
                 break;
             }
             // Responses still to end: this one, and a steer's successor.
-            let (mut open, mut acted, mut stray) = (1, false, 0);
+            // `replies`: steers not yet answered (accepted or failed, always one).
+            let (mut open, mut acted, mut stray, mut replies) = (1, false, 0, 0);
             let mut ends: Vec<Value> = Vec::new();
-            while open > 0 {
+            while open > 0 || stray > 0 || replies > 0 {
                 let v = within(&mut ws, Duration::from_secs(60)).await.expect("a response ended with no final event within 60 s");
                 let kind = v["type"].as_str().unwrap().to_string();
                 if kind == "response.output_text.delta" && !acted {
@@ -163,6 +175,7 @@ async fn responses_client(addr: String, seed: u64, until: Instant) -> Tally {
                         }
                         2 | 3 => {
                             ws.send(json!({"type": "response.steer", "input": words(&mut rng)})).await;
+                            replies += 1;
                             t.steers += 1;
                         }
                         4 => {
@@ -174,8 +187,14 @@ async fn responses_client(addr: String, seed: u64, until: Instant) -> Tally {
                     }
                 }
                 match kind.as_str() {
-                    "response.steer.accepted" => open += 1,
-                    "response.steer.failed" => assert_eq!(v["error"]["code"], "response_not_active", "a steer fails only once its response ended: {v}"),
+                    "response.steer.accepted" => {
+                        open += 1;
+                        replies -= 1;
+                    }
+                    "response.steer.failed" => {
+                        assert_eq!(v["error"]["code"], "response_not_active", "a steer fails only once its response ended: {v}");
+                        replies -= 1;
+                    }
                     "error" if stray > 0 => stray -= 1,
                     "error" | "response.failed" => panic!("a failure: {v}"),
                     "response.completed" | "response.incomplete" => {

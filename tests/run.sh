@@ -10,7 +10,7 @@ echo "== installing test dependencies"
 # Python: gguf and numpy (the independent references); openai, websockets and selenium (the
 # real clients the server tests drive).
 python3 -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" "numpy>=1.26" \
-  "openai>=1.50" "websockets>=12" "selenium>=4.20"
+  "openai[realtime]>=2.30" "websockets>=12" "selenium>=4.20"
 # Debian packages: g++ (the CUDA simulator's NVRTC compiles kernels with it); headless
 # Chromium and its driver (the browser page's test); Verilator,
 # Icarus Verilog and yosys (the HDL benches and synthesis); the Vulkan loader and Mesa's
@@ -35,6 +35,19 @@ if [ ! -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
 fi
 export LD_LIBRARY_PATH="$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+# The Codex CLI (its Linux binary ships in the npm package), for the Responses API's
+# end-to-end test; cached, as it is large.
+codex_dir="$HOME/.cache/flint/codex"
+if [ ! -x "$codex_dir/node_modules/.bin/codex" ]; then
+  if ! command -v npm >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q nodejs npm
+  fi
+  mkdir -p "$codex_dir"
+  (cd "$codex_dir" && npm install --no-audit --no-fund --silent "@openai/codex@0.169.0")
+fi
+"$codex_dir/node_modules/.bin/codex" --version
+
 echo "== building"
 cargo build --release --locked --workspace --all-targets
 
@@ -44,7 +57,7 @@ echo "model: $model"
 
 echo "== tests"
 export FLINT_MODEL="$model" FLINT_REQUIRE_MODEL=1 FLINT_REQUIRE_PY=1 FLINT_REQUIRE_BROWSER=1 FLINT_REQUIRE_WGPU=1 \
-  FLINT_REQUIRE_NVRTC=1
+  FLINT_REQUIRE_NVRTC=1 FLINT_REQUIRE_CODEX=1
 # Mesa's Vulkan wants a runtime directory (it only warns without one).
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo test --release --locked --workspace -- --nocapture
