@@ -93,10 +93,12 @@ const STEER: u8 = 2;
 pub struct Control(Arc<AtomicU8>);
 
 impl Control {
+    /// Stop, with no successor (it overrides a steer not yet taken).
     pub fn cancel(&self) {
-        let _ = self.0.compare_exchange(RUN, CANCEL, Ordering::SeqCst, Ordering::SeqCst);
+        self.0.store(CANCEL, Ordering::SeqCst);
     }
-    /// Stop so that a successor takes over (the partial answer stays in the context).
+    /// Stop so that a successor takes over (the partial answer stays in the context); a
+    /// cancel already requested stands.
     pub fn steer(&self) {
         let _ = self.0.compare_exchange(RUN, STEER, Ordering::SeqCst, Ordering::SeqCst);
     }
@@ -305,5 +307,75 @@ impl Scheduler {
     /// end the engine thread.
     pub fn shutdown(&self, grace: Duration) {
         let _ = self.tx.send(Cmd::Shutdown(grace));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome() -> Box<Outcome> {
+        Box::new(Outcome {
+            prompt_tokens: vec![1],
+            tokens: vec![2],
+            text: "ab".into(),
+            finish_reason: crate::generate::FinishReason::Stop,
+            timings: Default::default(),
+        })
+    }
+
+    #[test]
+    fn the_final_event_arrives_after_a_full_channel_and_the_tail_before_it() {
+        let (reply, mut events) = Events::pair();
+        for i in 0..CHANNEL {
+            reply.data.try_send(Event::Delta { text: i.to_string(), tokens: vec![i as u32] }).unwrap();
+        }
+        assert!(reply.data.try_send(Event::Delta { text: "x".into(), tokens: vec![] }).is_err(), "the channel is full");
+        reply.finish(Final::Done(outcome(), "tail".into()));
+        for i in 0..CHANNEL {
+            assert!(matches!(events.blocking_recv(), Some(Event::Delta { text, .. }) if text == i.to_string()));
+        }
+        assert!(matches!(events.blocking_recv(), Some(Event::Delta { text, tokens }) if text == "tail" && tokens.is_empty()));
+        assert!(matches!(events.blocking_recv(), Some(Event::Done(_))));
+        assert!(events.blocking_recv().is_none(), "exactly one final event");
+    }
+
+    #[test]
+    fn a_reply_dropped_without_its_final_event_still_ends_the_request() {
+        let (reply, mut events) = Events::pair();
+        reply.data.try_send(Event::Delta { text: "a".into(), tokens: vec![1] }).unwrap();
+        drop(reply);
+        assert!(matches!(events.blocking_recv(), Some(Event::Delta { .. })));
+        assert!(matches!(events.blocking_recv(), Some(Event::Error { code: "internal", .. })));
+        assert!(events.blocking_recv().is_none());
+    }
+
+    #[test]
+    fn merged_deltas_stop_at_the_final_event() {
+        let (reply, mut events) = Events::pair();
+        for t in ["a", "b", "c"] {
+            reply.data.try_send(Event::Delta { text: t.into(), tokens: vec![0] }).unwrap();
+        }
+        reply.finish(Final::Done(outcome(), String::new()));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            assert!(matches!(events.recv_merged().await, Some(Event::Delta { text, tokens }) if text == "abc" && tokens.len() == 3));
+            assert!(matches!(events.recv_merged().await, Some(Event::Done(_))));
+            assert!(events.recv_merged().await.is_none());
+        });
+    }
+
+    #[test]
+    fn a_control_takes_its_first_request() {
+        let c = Control::default();
+        assert_eq!(c.requested(), None);
+        c.steer();
+        assert_eq!(c.requested(), Some(Why::Steered));
+        c.cancel();
+        assert_eq!(c.requested(), Some(Why::Cancelled), "a cancel overrides a steer");
+        let c = Control::default();
+        c.cancel();
+        c.steer();
+        assert_eq!(c.requested(), Some(Why::Cancelled));
     }
 }
