@@ -116,11 +116,9 @@ fn main() {
         for i in 0..TURNS {
             let user = json!({"role": "user", "content": question(i)});
             // WebSocket mode: only the new input.
-            let mut create = json!({"type": "response.create", "input": [user], "max_output_tokens": ANSWER, "temperature": 0});
+            let mut create = json!({"type": "response.create", "input": [user], "instructions": system, "max_output_tokens": ANSWER, "temperature": 0});
             if let Some(p) = &prev {
                 create["previous_response_id"] = json!(p);
-            } else {
-                create["instructions"] = json!(system);
             }
             let (t_ws, r_ws) = ws_turn(&mut ws, create).await;
             prev = r_ws["id"].as_str().map(str::to_string);

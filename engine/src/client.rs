@@ -32,6 +32,9 @@ async fn run(url: &str, defaults: Value) -> Result<()> {
     tx.send(Message::text(update.to_string())).await?;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut generating = false;
+    // Redirects sent and not yet taken over a turn: one that arrives after the answer's end
+    // starts a turn of its own (docs/protocol.md), so the answer goes on.
+    let mut redirects = 0usize;
     let mut stdin_open = true;
     let mut resetting = false;
     let mut out = std::io::stdout();
@@ -53,6 +56,7 @@ async fn run(url: &str, defaults: Value) -> Result<()> {
                     json!({"type": "session.update", "reset": true})
                 } else if generating {
                     eprintln!("\n[redirected]");
+                    redirects += 1;
                     json!({"type": "redirect", "content": line})
                 } else {
                     generating = true;
@@ -86,7 +90,12 @@ async fn run(url: &str, defaults: Value) -> Result<()> {
                             v["finish_reason"].as_str().unwrap_or("?"), u["completion_tokens"], t["decode_tok_s"].as_f64().unwrap_or(0.0),
                             t["ttft_ms"].as_f64().unwrap_or(0.0), u["cached_tokens"], u["prompt_tokens"],
                         );
-                        if v["finish_reason"] != "redirected" {
+                        if v["finish_reason"] == "cancelled" {
+                            redirects = 0; // a cancel drops the redirects not yet started
+                        }
+                        if redirects > 0 {
+                            redirects -= 1; // the redirected turn follows
+                        } else {
                             generating = false;
                             if !stdin_open { break }
                             prompt();

@@ -54,6 +54,25 @@ impl Running {
     }
 }
 
+/// Where [`drive`] sends a response's events: a channel, each event wrapped for it (the
+/// WebSocket mode tags it with its lane).
+pub struct Outlet<T> {
+    pub tx: mpsc::Sender<T>,
+    pub wrap: Box<dyn Fn(Value) -> T + Send + Sync>,
+}
+
+impl<T> Outlet<T> {
+    async fn send(&self, v: Value) -> bool {
+        self.tx.send((self.wrap)(v)).await.is_ok()
+    }
+}
+
+impl Outlet<Value> {
+    pub fn plain(tx: mpsc::Sender<Value>) -> Self {
+        Outlet { tx, wrap: Box::new(|v| v) }
+    }
+}
+
 /// How [`drive`] ended.
 pub enum Ended {
     /// The response finished (completed, incomplete or cancelled): its record.
@@ -67,9 +86,9 @@ pub enum Ended {
 /// Send one response's events to `out` until its end: `response.created` first unless
 /// `started`, then the output, then the closing event; stores the finished response where
 /// its request asks. `first` is an event already read from `events`.
-pub async fn drive(s: Arc<State>, mut run: Running, mut events: Events, control: Control, first: Option<Event>, out: mpsc::Sender<Value>) -> Ended {
+pub async fn drive<T>(s: Arc<State>, mut run: Running, mut events: Events, control: Control, first: Option<Event>, out: Outlet<T>) -> Ended {
     for v in run.emitter.start() {
-        if out.send(v).await.is_err() {
+        if !out.send(v).await {
             return Ended::Gone;
         }
     }
@@ -79,7 +98,7 @@ pub async fn drive(s: Arc<State>, mut run: Running, mut events: Events, control:
         let o = Outcome { prompt_tokens: prompt, tokens: Vec::new(), text: String::new(), finish_reason: FinishReason::Length, timings: Default::default() };
         let (evs, stored) = run.conclude(&s, &o, Ending::Natural);
         for v in evs {
-            if out.send(v).await.is_err() {
+            if !out.send(v).await {
                 return Ended::Gone;
             }
         }
@@ -94,7 +113,7 @@ pub async fn drive(s: Arc<State>, mut run: Running, mut events: Events, control:
             None => tokio::select! {
                 ev = events.recv_merged() => ev,
                 // Dropping `events` cancels the generation at once.
-                _ = out.closed() => return Ended::Gone,
+                _ = out.tx.closed() => return Ended::Gone,
             },
         };
         let batch = match ev {
@@ -107,23 +126,23 @@ pub async fn drive(s: Arc<State>, mut run: Running, mut events: Events, control:
                 };
                 let (evs, stored) = run.conclude(&s, &o, ending);
                 for v in evs {
-                    if out.send(v).await.is_err() {
+                    if !out.send(v).await {
                         break;
                     }
                 }
                 return Ended::Done(stored);
             }
             Some(Event::Error { code, message }) => {
-                let _ = out.send(run.emitter.failed(code, &message)).await;
+                out.send(run.emitter.failed(code, &message)).await;
                 return Ended::Failed;
             }
             None => {
-                let _ = out.send(run.emitter.failed("internal", "the engine ended the response without a final event")).await;
+                out.send(run.emitter.failed("internal", "the engine ended the response without a final event")).await;
                 return Ended::Failed;
             }
         };
         for v in batch {
-            if out.send(v).await.is_err() {
+            if !out.send(v).await {
                 return Ended::Gone;
             }
         }
@@ -166,7 +185,7 @@ pub async fn create(AxState(s): AxState<Arc<State>>, body: Result<Bytes, BytesRe
         None => return fail(ApiError::new("internal", "the engine dropped the request")),
     };
     let (tx, mut rx) = mpsc::channel::<Value>(64);
-    let driving = tokio::spawn(drive(s.clone(), run, events, ticket.control, Some(first), tx));
+    let driving = tokio::spawn(drive(s.clone(), run, events, ticket.control, Some(first), Outlet::plain(tx)));
     if stream {
         let body = stream::unfold(rx, |mut rx| async move {
             let v = rx.recv().await?;

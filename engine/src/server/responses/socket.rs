@@ -12,7 +12,7 @@
 //! running response at its next token (`response.incomplete`, reason `steered`) and starts
 //! its successor at once: the steering input appended to the partial answer.
 
-use super::http::{drive, previous, Ended, Running};
+use super::http::{drive, previous, Ended, Outlet, Running};
 use super::store::Stored;
 use super::Create;
 use crate::server::scheduler::{Control, Slot};
@@ -20,6 +20,7 @@ use crate::server::{ApiError, State};
 use axum::extract::ws::{CloseFrame, Message as Ws, WebSocket, WebSocketUpgrade};
 use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -88,11 +89,21 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
             },
             o = events.recv() => {
                 last_seen = tokio::time::Instant::now();
-                match o {
-                    Some(Out::Event(lane, v)) => vec![with_lane(v, &lane)],
-                    Some(Out::Ended(lane, ended)) => c.on_ended(lane, ended),
-                    None => break,
+                let Some(mut o) = o else { break };
+                // With every event already waiting: one write for all (a first token comes
+                // with its item's opening events).
+                let mut out = Vec::new();
+                loop {
+                    match o {
+                        Out::Event(lane, v) => out.push(with_lane(v, &lane)),
+                        Out::Ended(lane, ended) => out.extend(c.on_ended(lane, ended)),
+                    }
+                    match events.try_recv() {
+                        Ok(next) => o = next,
+                        Err(_) => break,
+                    }
                 }
+                out
             }
             _ = idle, if !busy => {
                 let _ = socket.send(Ws::Close(Some(CloseFrame { code: 1001, reason: "idle".into() }))).await;
@@ -100,16 +111,17 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
             }
             _ = shutdown.changed(), if !*shutdown.borrow() => Vec::new(),
         };
-        let mut ok = true;
-        for v in sends {
-            // A client that stops reading is dropped rather than waited for forever.
-            let sent = tokio::time::timeout(crate::server::scheduler::CLIENT_STALL, socket.send(Ws::Text(v.to_string().into()))).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                ok = false;
-                break;
-            }
+        if sends.is_empty() {
+            continue;
         }
-        if !ok {
+        let write = async {
+            for v in sends {
+                socket.feed(Ws::Text(v.to_string().into())).await?;
+            }
+            socket.flush().await
+        };
+        // A client that stops reading is dropped rather than waited for forever.
+        if !matches!(tokio::time::timeout(crate::server::scheduler::CLIENT_STALL, write).await, Ok(Ok(()))) {
             break;
         }
     }
@@ -231,16 +243,10 @@ impl Conn {
         self.lane(&lane)?.active = Some(Active { id, control: ticket.control.clone(), steer: None });
         let (state, out) = (self.state.clone(), self.out.clone());
         tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel(16);
-            let driving = drive(state, run, ticket.events, ticket.control, None, tx);
-            let forwarding = async {
-                while let Some(v) = rx.recv().await {
-                    if out.send(Out::Event(lane.clone(), v)).await.is_err() {
-                        break; // the connection is gone: dropping `rx` ends the response
-                    }
-                }
-            };
-            let (ended, ()) = tokio::join!(driving, forwarding);
+            let tagged = lane.clone();
+            let outlet = Outlet { tx: out.clone(), wrap: Box::new(move |v| Out::Event(tagged.clone(), v)) };
+            // A connection that is gone closes `out`: the response ends with it.
+            let ended = drive(state, run, ticket.events, ticket.control, None, outlet).await;
             let _ = out.send(Out::Ended(lane, ended)).await;
         });
         Ok(Vec::new())

@@ -115,9 +115,23 @@ impl Worker {
             }
             self.sweep();
             self.admit();
-            if !self.step() {
+            // A panic inside a step (a bug) fails the running requests, not the server.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())) {
+                Ok(true) => {}
                 // Every job waits on its client: nothing to compute.
-                std::thread::sleep(Duration::from_micros(500));
+                Ok(false) => std::thread::sleep(Duration::from_micros(500)),
+                Err(panic) => {
+                    let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                    let message = format!("the engine failed: {}", what.unwrap_or_else(|| "a panic".into()));
+                    eprintln!("flint: {message}; ending the running generations");
+                    for id in self.order.clone() {
+                        // Their caches may be half-written: dropped, not given back.
+                        if let Some(e) = self.table.get_mut(&id) {
+                            e.phase = Phase::Moved;
+                        }
+                        self.terminate(id, Exit::Failed("internal", message.clone()));
+                    }
+                }
             }
             self.metrics.queue_depth.set(self.waiting.len() as i64);
             self.metrics.active_generations.set(self.order.len() as i64);
