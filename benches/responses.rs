@@ -21,6 +21,10 @@ use tokio_tungstenite::tungstenite::Message;
 const TURNS: usize = 20;
 const ANSWER: usize = 16;
 const STEERS: usize = 7;
+/// Conversations at once in the contended round: more than the HTTP pool's caches
+/// (`--parallel`, 8).
+const CONVERSATIONS: usize = 12;
+const CONTENDED_TURNS: usize = 4;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -178,5 +182,40 @@ fn main() {
         }
         println!("steer to the successor's first token, median of {STEERS}: {:.1} ms", median(&steer) * 1e3);
         println!("cached prompt tokens over the conversation: WebSocket mode {}, HTTP {}", cached.0, cached.1);
+
+        // Contended: more conversations than the HTTP pool has caches, taking turns.
+        let mut sockets = Vec::new();
+        for _ in 0..CONVERSATIONS {
+            sockets.push(tokio_tungstenite::connect_async(format!("ws://{addr}/v1/responses")).await.unwrap().0);
+        }
+        let mut prevs: Vec<Option<String>> = vec![None; CONVERSATIONS];
+        let mut histories: Vec<Vec<Value>> = vec![vec![json!({"role": "developer", "content": system})]; CONVERSATIONS];
+        let (mut ws_t, mut http_t, mut ws_c, mut http_c) = (Vec::new(), Vec::new(), (0, 0), (0, 0));
+        for turn in 0..CONTENDED_TURNS {
+            for c in 0..CONVERSATIONS {
+                let user = json!({"role": "user", "content": format!("Conversation {c}: {}", question(turn))});
+                let mut create = json!({"type": "response.create", "input": [user], "instructions": system, "max_output_tokens": ANSWER, "temperature": 0});
+                if let Some(p) = &prevs[c] {
+                    create["previous_response_id"] = json!(p);
+                }
+                let (t, r) = ws_turn(&mut sockets[c], create).await;
+                prevs[c] = r["id"].as_str().map(str::to_string);
+                histories[c].push(user);
+                let (th, rh) = http_turn(&addr, json!({"input": histories[c], "max_output_tokens": ANSWER, "temperature": 0, "stream": true, "store": false})).await;
+                histories[c].push(json!({"role": "assistant", "content": rh["output_text"]}));
+                if turn > 0 {
+                    ws_t.push(t);
+                    http_t.push(th);
+                    let u = |r: &Value, k: &str| r["usage"][k].as_u64().unwrap_or(0);
+                    ws_c = (ws_c.0 + r["usage"]["input_tokens_details"]["cached_tokens"].as_u64().unwrap(), ws_c.1 + u(&r, "input_tokens"));
+                    http_c = (http_c.0 + rh["usage"]["input_tokens_details"]["cached_tokens"].as_u64().unwrap(), http_c.1 + u(&rh, "input_tokens"));
+                }
+            }
+        }
+        let (mw, mh) = (median(&ws_t), median(&http_t));
+        println!(
+            "{CONVERSATIONS} conversations taking turns (turns 2-{CONTENDED_TURNS}): time to first token, median: WebSocket mode {:.1} ms, HTTP {:.1} ms ({:.2}x); prompt tokens cached: {}/{} and {}/{}",
+            mw * 1e3, mh * 1e3, mh / mw, ws_c.0, ws_c.1, http_c.0, http_c.1
+        );
     });
 }

@@ -10,7 +10,7 @@ echo "== installing test dependencies"
 # Python: gguf and numpy (the independent references); openai, websockets and selenium (the
 # real clients the server tests drive).
 python3 -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" "numpy>=1.26" \
-  "openai[realtime]>=2.30" "websockets>=12" "selenium>=4.20"
+  "openai[realtime]==3.57.0" "websockets>=12" "selenium>=4.20"
 # Debian packages: g++ (the CUDA simulator's NVRTC compiles kernels with it); headless
 # Chromium and its driver (the browser page's test); Verilator,
 # Icarus Verilog and yosys (the HDL benches and synthesis); the Vulkan loader and Mesa's
