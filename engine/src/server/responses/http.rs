@@ -1,12 +1,12 @@
 //! `POST /v1/responses` (whole, or streamed as server-sent events), `GET` and `DELETE
-//! /v1/responses/{id}`; and [`drive`], which turns one running response's engine events
-//! into its Responses events for either transport.
+//! /v1/responses/{id}`; and [`Running`], which turns one response's engine events into its
+//! Responses events for either transport.
 
 use super::emit::{Emitter, Ending};
 use super::store::Stored;
 use super::{Create, Prepared};
 use crate::server::openai::{error_response, fail, parse_body};
-use crate::server::scheduler::{Control, Event, Events, Slot};
+use crate::server::scheduler::{Control, Event, Events, Slot, Why};
 use crate::server::{timings_json, ApiError, State};
 use crate::generate::{FinishReason, Outcome};
 use crate::tokenizer::Message;
@@ -21,7 +21,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// A response on its way: its events' emitter and what its stored record needs.
+/// A response on its way: its events' emitter and what its stored record needs. Both
+/// transports feed it the engine's events ([`Running::on_event`]) and send what it returns.
 pub struct Running {
     pub emitter: Emitter,
     pub create: Create,
@@ -29,20 +30,58 @@ pub struct Running {
     pub system: String,
     /// For `generate: false`, the prompt: its response completes at once.
     warm: Option<Vec<u32>>,
+    /// Completed before the engine ended (`generate: false`): its record.
+    concluded: Option<Arc<Stored>>,
 }
 
 impl Running {
     pub fn new(s: &State, create: Create, p: &Prepared) -> Running {
         let emitter = Emitter::new(&super::new_id("resp"), &s.model_id, &create.echo(), p.tools);
         let warm = (create.generate == Some(false)).then(|| p.req.prompt.clone());
-        Running { emitter, create, messages: p.messages.clone(), system: p.system.clone(), warm }
+        Running { emitter, create, messages: p.messages.clone(), system: p.system.clone(), warm, concluded: None }
+    }
+
+    /// The opening events (`response.created`, `response.in_progress`). A prefill-only
+    /// response completes here too: an id to continue from, while the engine warms the cache
+    /// (the lane's next response waits for it).
+    pub fn begin(&mut self, s: &State) -> Vec<Value> {
+        let mut out = self.emitter.start();
+        if let Some(prompt) = self.warm.take() {
+            let o = Outcome { prompt_tokens: prompt, tokens: Vec::new(), text: String::new(), finish_reason: FinishReason::Length, timings: Default::default() };
+            let (evs, stored) = self.conclude(s, &o, Ending::Natural);
+            out.extend(evs);
+            self.concluded = Some(stored);
+        }
+        out
+    }
+
+    /// One of the engine's events: the Responses events it makes, and the end, if it is one.
+    pub fn on_event(&mut self, s: &State, ev: Option<Event>, control: &Control) -> (Vec<Value>, Option<Ended>) {
+        if let Some(stored) = &self.concluded {
+            let end = (!matches!(ev, Some(Event::Delta { .. }))).then(|| Ended::Done(stored.clone()));
+            return (Vec::new(), end);
+        }
+        match ev {
+            Some(Event::Delta { text, .. }) => (self.emitter.text(&text), None),
+            Some(Event::Done(o)) => {
+                let ending = match control.requested() {
+                    Some(Why::Steered) => Ending::Steered,
+                    Some(_) => Ending::Cancelled,
+                    None => Ending::Natural,
+                };
+                let (evs, stored) = self.conclude(s, &o, ending);
+                (evs, Some(Ended::Done(stored)))
+            }
+            Some(Event::Error { code, message }) => (vec![self.emitter.failed(code, &message)], Some(Ended::Failed)),
+            None => (vec![self.emitter.failed("internal", "the engine ended the response without a final event")], Some(Ended::Failed)),
+        }
     }
 
     /// The closing events and the stored record of a finished response.
     fn conclude(&mut self, s: &State, o: &Outcome, ending: Ending) -> (Vec<Value>, Arc<Stored>) {
         let (evs, response) = self.emitter.finish(o, ending, timings_json(o));
         let mut messages = std::mem::take(&mut self.messages);
-        if self.warm.is_none() {
+        if self.create.generate != Some(false) {
             messages.push(Message::new("assistant", &o.text));
         }
         let context = o.prompt_tokens.iter().chain(&o.tokens).copied().collect();
@@ -54,26 +93,7 @@ impl Running {
     }
 }
 
-/// Where [`drive`] sends a response's events: a channel, each event wrapped for it (the
-/// WebSocket mode tags it with its lane).
-pub struct Outlet<T> {
-    pub tx: mpsc::Sender<T>,
-    pub wrap: Box<dyn Fn(Value) -> T + Send + Sync>,
-}
-
-impl<T> Outlet<T> {
-    async fn send(&self, v: Value) -> bool {
-        self.tx.send((self.wrap)(v)).await.is_ok()
-    }
-}
-
-impl Outlet<Value> {
-    pub fn plain(tx: mpsc::Sender<Value>) -> Self {
-        Outlet { tx, wrap: Box::new(|v| v) }
-    }
-}
-
-/// How [`drive`] ended.
+/// How a response ended.
 pub enum Ended {
     /// The response finished (completed, incomplete or cancelled): its record.
     Done(Arc<Stored>),
@@ -83,28 +103,13 @@ pub enum Ended {
     Gone,
 }
 
-/// Send one response's events to `out` until its end: `response.created` first unless
-/// `started`, then the output, then the closing event; stores the finished response where
-/// its request asks. `first` is an event already read from `events`.
-pub async fn drive<T>(s: Arc<State>, mut run: Running, mut events: Events, control: Control, first: Option<Event>, out: Outlet<T>) -> Ended {
-    for v in run.emitter.start() {
-        if !out.send(v).await {
+/// Send one response's events to `out` until its end. `first` is an event already read
+/// from `events`.
+async fn drive(s: Arc<State>, mut run: Running, mut events: Events, control: Control, first: Option<Event>, out: mpsc::Sender<Value>) -> Ended {
+    for v in run.begin(&s) {
+        if out.send(v).await.is_err() {
             return Ended::Gone;
         }
-    }
-    if let Some(prompt) = run.warm.take() {
-        // Prefill only: the response (an id to continue from) is complete at once, while the
-        // engine warms the cache; the lane's next response waits for it (see `socket`).
-        let o = Outcome { prompt_tokens: prompt, tokens: Vec::new(), text: String::new(), finish_reason: FinishReason::Length, timings: Default::default() };
-        let (evs, stored) = run.conclude(&s, &o, Ending::Natural);
-        for v in evs {
-            if !out.send(v).await {
-                return Ended::Gone;
-            }
-        }
-        drop(out);
-        while events.recv().await.is_some() {}
-        return Ended::Done(stored);
     }
     let mut first = first;
     loop {
@@ -113,38 +118,17 @@ pub async fn drive<T>(s: Arc<State>, mut run: Running, mut events: Events, contr
             None => tokio::select! {
                 ev = events.recv_merged() => ev,
                 // Dropping `events` cancels the generation at once.
-                _ = out.tx.closed() => return Ended::Gone,
+                _ = out.closed() => return Ended::Gone,
             },
         };
-        let batch = match ev {
-            Some(Event::Delta { text, .. }) => run.emitter.text(&text),
-            Some(Event::Done(o)) => {
-                let ending = match control.requested() {
-                    Some(crate::server::scheduler::Why::Steered) => Ending::Steered,
-                    Some(_) => Ending::Cancelled,
-                    None => Ending::Natural,
-                };
-                let (evs, stored) = run.conclude(&s, &o, ending);
-                for v in evs {
-                    if !out.send(v).await {
-                        break;
-                    }
-                }
-                return Ended::Done(stored);
+        let (evs, end) = run.on_event(&s, ev, &control);
+        for v in evs {
+            if out.send(v).await.is_err() {
+                return end.unwrap_or(Ended::Gone);
             }
-            Some(Event::Error { code, message }) => {
-                out.send(run.emitter.failed(code, &message)).await;
-                return Ended::Failed;
-            }
-            None => {
-                out.send(run.emitter.failed("internal", "the engine ended the response without a final event")).await;
-                return Ended::Failed;
-            }
-        };
-        for v in batch {
-            if !out.send(v).await {
-                return Ended::Gone;
-            }
+        }
+        if let Some(end) = end {
+            return end;
         }
     }
 }
@@ -185,7 +169,7 @@ pub async fn create(AxState(s): AxState<Arc<State>>, body: Result<Bytes, BytesRe
         None => return fail(ApiError::new("internal", "the engine dropped the request")),
     };
     let (tx, mut rx) = mpsc::channel::<Value>(64);
-    let driving = tokio::spawn(drive(s.clone(), run, events, ticket.control, Some(first), Outlet::plain(tx)));
+    let driving = tokio::spawn(drive(s.clone(), run, events, ticket.control, Some(first), tx));
     if stream {
         let body = stream::unfold(rx, |mut rx| async move {
             let v = rx.recv().await?;

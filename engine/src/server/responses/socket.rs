@@ -12,10 +12,10 @@
 //! running response at its next token (`response.incomplete`, reason `steered`) and starts
 //! its successor at once: the steering input appended to the partial answer.
 
-use super::http::{drive, previous, Ended, Outlet, Running};
+use super::http::{previous, Ended, Running};
 use super::store::Stored;
 use super::Create;
-use crate::server::scheduler::{Control, Slot};
+use crate::server::scheduler::{Control, Event, Events, Slot};
 use crate::server::{ApiError, State};
 use axum::extract::ws::{CloseFrame, Message as Ws, WebSocket, WebSocketUpgrade};
 use axum::extract::State as AxState;
@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Lanes per connection, and creates waiting per lane.
 const MAX_LANES: usize = 8;
@@ -38,15 +38,11 @@ pub async fn upgrade(AxState(state): AxState<Arc<State>>, ws: WebSocketUpgrade) 
     }
 }
 
-/// What a response's task hands the connection.
-enum Out {
-    Event(Option<String>, Value),
-    Ended(Option<String>, Ended),
-}
-
 struct Active {
     id: String,
     control: Control,
+    events: Events,
+    run: Running,
     /// An accepted steer's input: the successor's.
     steer: Option<Value>,
 }
@@ -62,14 +58,36 @@ struct Lane {
 struct Conn {
     state: Arc<State>,
     lanes: HashMap<Option<String>, Lane>,
-    out: mpsc::Sender<Out>,
+}
+
+/// What woke the connection.
+enum Wake {
+    Message(Option<Result<Ws, axum::Error>>),
+    Engine(Option<String>, Option<Event>),
+    Idle,
+    Nothing,
+}
+
+/// The next engine event of any lane's running response (the connection reads them itself:
+/// no task between the engine and the socket). Pending forever when none runs.
+async fn next_event(lanes: &mut HashMap<Option<String>, Lane>) -> (Option<String>, Option<Event>) {
+    let running: Vec<_> = lanes
+        .iter_mut()
+        .filter_map(|(lane, l)| {
+            let a = l.active.as_mut()?;
+            Some(Box::pin(async move { (lane.clone(), a.events.recv_merged().await) }))
+        })
+        .collect();
+    if running.is_empty() {
+        return std::future::pending().await;
+    }
+    futures_util::future::select_all(running).await.0
 }
 
 async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
     state.metrics.sessions.inc();
     state.metrics.sessions_opened.get_or_create(&crate::server::metrics::Protocol { protocol: "responses" }).inc();
-    let (out, mut events) = mpsc::channel(64);
-    let mut c = Conn { state: state.clone(), lanes: HashMap::new(), out };
+    let mut c = Conn { state: state.clone(), lanes: HashMap::new() };
     let mut shutdown = state.shutdown.clone();
     let mut last_seen = tokio::time::Instant::now();
     loop {
@@ -79,41 +97,33 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
             break;
         }
         let idle = tokio::time::sleep_until(last_seen + state.opts.idle_timeout);
-        let sends = tokio::select! {
-            m = socket.recv() => match m {
-                Some(Ok(m)) => {
-                    last_seen = tokio::time::Instant::now();
-                    c.on_message(m)
-                }
-                _ => break,
-            },
-            o = events.recv() => {
+        let wake = tokio::select! {
+            m = socket.recv() => Wake::Message(m),
+            (lane, ev) = next_event(&mut c.lanes) => Wake::Engine(lane, ev),
+            _ = idle, if !busy => Wake::Idle,
+            _ = shutdown.changed(), if !*shutdown.borrow() => Wake::Nothing,
+        };
+        let sends = match wake {
+            Wake::Message(Some(Ok(m))) => {
                 last_seen = tokio::time::Instant::now();
-                let Some(mut o) = o else { break };
-                // With every event already waiting: one write for all (a first token comes
-                // with its item's opening events).
-                let mut out = Vec::new();
-                loop {
-                    match o {
-                        Out::Event(lane, v) => out.push(with_lane(v, &lane)),
-                        Out::Ended(lane, ended) => out.extend(c.on_ended(lane, ended)),
-                    }
-                    match events.try_recv() {
-                        Ok(next) => o = next,
-                        Err(_) => break,
-                    }
-                }
-                out
+                c.on_message(m)
             }
-            _ = idle, if !busy => {
+            Wake::Message(_) => break, // closed or broken
+            Wake::Engine(lane, ev) => {
+                last_seen = tokio::time::Instant::now();
+                c.on_event(lane, ev)
+            }
+            Wake::Idle => {
                 let _ = socket.send(Ws::Close(Some(CloseFrame { code: 1001, reason: "idle".into() }))).await;
                 break;
             }
-            _ = shutdown.changed(), if !*shutdown.borrow() => Vec::new(),
+            Wake::Nothing => Vec::new(),
         };
         if sends.is_empty() {
             continue;
         }
+        // All of a step's events in one write (a first token comes with its item's
+        // opening events).
         let write = async {
             for v in sends {
                 socket.feed(Ws::Text(v.to_string().into())).await?;
@@ -125,7 +135,7 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
             break;
         }
     }
-    // Closing the socket cancels whatever runs; each task ends as its events do.
+    // Closing the socket cancels whatever runs (dropping its events would too).
     for lane in c.lanes.values() {
         if let Some(a) = &lane.active {
             a.control.cancel();
@@ -236,20 +246,24 @@ impl Conn {
     fn start(&mut self, lane: Option<String>, c: Create) -> Result<Vec<Value>, ApiError> {
         let prev = self.previous(c.previous_response_id.as_deref())?;
         let p = c.prepare(&self.state, prev.as_deref())?;
-        let run = Running::new(&self.state, c, &p);
+        let mut run = Running::new(&self.state, c, &p);
         let id = run.emitter.id().to_string();
         let conv = self.lane(&lane)?.conv;
         let ticket = self.state.scheduler.submit(Slot::Conv(conv), p.req)?;
-        self.lane(&lane)?.active = Some(Active { id, control: ticket.control.clone(), steer: None });
-        let (state, out) = (self.state.clone(), self.out.clone());
-        tokio::spawn(async move {
-            let tagged = lane.clone();
-            let outlet = Outlet { tx: out.clone(), wrap: Box::new(move |v| Out::Event(tagged.clone(), v)) };
-            // A connection that is gone closes `out`: the response ends with it.
-            let ended = drive(state, run, ticket.events, ticket.control, None, outlet).await;
-            let _ = out.send(Out::Ended(lane, ended)).await;
-        });
-        Ok(Vec::new())
+        let opening = run.begin(&self.state).into_iter().map(|v| with_lane(v, &lane)).collect();
+        self.lane(&lane)?.active = Some(Active { id, control: ticket.control, events: ticket.events, run, steer: None });
+        Ok(opening)
+    }
+
+    /// An engine event of a lane's running response.
+    fn on_event(&mut self, lane: Option<String>, ev: Option<Event>) -> Vec<Value> {
+        let Some(a) = self.lanes.get_mut(&lane).and_then(|l| l.active.as_mut()) else { return Vec::new() };
+        let (evs, end) = a.run.on_event(&self.state, ev, &a.control);
+        let mut out: Vec<Value> = evs.into_iter().map(|v| with_lane(v, &lane)).collect();
+        if let Some(ended) = end {
+            out.extend(self.on_ended(lane, ended));
+        }
+        out
     }
 
     fn steer(&mut self, lane: Option<String>, v: &Value) -> Vec<Value> {
