@@ -107,6 +107,30 @@ async fn bad_events_over_the_websocket_mode_leave_it_usable() {
     }
 }
 
+/// A new connection (an agent's next run, say) picks up the cache a closed one left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_connection_reuses_the_cache_a_closed_one_left() {
+    let s = Server::tiny(&[]);
+    let input = "You are a careful reviewer. ".repeat(20) + "Review this.";
+    let mut cached = Vec::new();
+    for _ in 0..2 {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/responses", s.addr)).await.unwrap();
+        let mut ws = Ws(ws);
+        ws.send(json!({"type": "response.create", "input": input, "max_output_tokens": 2})).await;
+        loop {
+            let v = ws.recv().await;
+            if v["type"] == "response.completed" || v["type"] == "response.incomplete" {
+                cached.push((v["response"]["usage"]["input_tokens_details"]["cached_tokens"].as_u64().unwrap(), v["response"]["usage"]["input_tokens"].as_u64().unwrap()));
+                break;
+            }
+        }
+        drop(ws);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(cached[0].0, 0, "the first connection starts cold");
+    assert!(cached[1].0 + 1 >= cached[1].1, "the second reuses all but the last prompt token: {cached:?}");
+}
+
 /// The Codex CLI: the npm package's binary (tests/run.sh installs it), or `FLINT_CODEX`.
 fn codex() -> Option<PathBuf> {
     let p = std::env::var_os("FLINT_CODEX").map(PathBuf::from).unwrap_or_else(|| {

@@ -20,6 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// The shortest shared prefix for which a new conversation takes a pooled cache (a few
+/// tokens are no gain, and would take the cache from the requests that share more).
+const POOLED_PREFIX: usize = 16;
+
 pub(super) struct Job {
     pub id: u64,
     pub slot: Slot,
@@ -158,8 +162,12 @@ impl Worker {
             }
             Cmd::Close(id) => {
                 let running = self.table.values().any(|e| e.slot == Slot::Conv(id) && !matches!(e.phase, Phase::Queued(_)));
-                if self.convs.remove(&id).is_none() && running {
-                    self.closed.push(id);
+                match self.convs.remove(&id) {
+                    // Its cache goes to the pool: a later connection or request with the same
+                    // prefix (the same agent's next run, say) reuses it.
+                    Some(e) => self.put(Slot::Pool, e),
+                    None if running => self.closed.push(id),
+                    None => {}
                 }
             }
             Cmd::Shutdown(grace) => {
@@ -415,13 +423,16 @@ impl Worker {
     }
 
     fn take(&mut self, slot: Slot, prompt: &[u32]) -> anyhow::Result<Engine> {
+        let common = |e: &Engine| e.cached().iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let best = (0..self.pool.len()).max_by_key(|&i| common(&self.pool[i]));
         let found = match slot {
-            Slot::Conv(id) => self.convs.remove(&id),
-            Slot::Pool => {
-                let common = |e: &Engine| e.cached().iter().zip(prompt).take_while(|(a, b)| a == b).count();
-                let best = (0..self.pool.len()).max_by_key(|&i| common(&self.pool[i]));
-                best.map(|i| self.pool.swap_remove(i))
-            }
+            // A conversation's own cache; for its first turn, a pooled one holding more than
+            // a few tokens of its prompt, if any does.
+            Slot::Conv(id) => match self.convs.remove(&id) {
+                Some(e) => Some(e),
+                None => best.filter(|&i| common(&self.pool[i]) > POOLED_PREFIX).map(|i| self.pool.swap_remove(i)),
+            },
+            Slot::Pool => best.map(|i| self.pool.swap_remove(i)),
         };
         match found {
             Some(e) => Ok(e),
@@ -433,7 +444,9 @@ impl Worker {
         match slot {
             Slot::Conv(id) => {
                 if let Some(i) = self.closed.iter().position(|&c| c == id) {
+                    // Closed while it ran: to the pool, as at a close.
                     self.closed.swap_remove(i);
+                    self.put(Slot::Pool, e);
                 } else {
                     self.convs.insert(id, e);
                 }
