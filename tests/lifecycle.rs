@@ -118,16 +118,21 @@ async fn ws_client(addr: String, seed: u64, until: Instant) -> Tally {
                 }
             }
             let fin = finals.pop().expect("a final event");
-            if let Some(n) = must_reuse.take() {
+            // A turn that ran the model (not one cancelled while it still waited) shows
+            // what it reused.
+            let ran = fin["timings"]["forward_passes"].as_u64().unwrap() > 0 || fin["timings"]["prompt_ms"].as_f64().unwrap() > 0.0;
+            if let (Some(n), true) = (must_reuse, ran) {
                 assert!(fin["usage"]["cached_tokens"].as_u64().unwrap() >= n, "the cache survived the cancel: {fin}");
                 t.cache_checks += 1;
+                must_reuse = None;
             }
             if fin["finish_reason"] == "cancelled" {
                 // What its cache held must survive: the whole prompt once an answer began,
                 // else what it had reused (a turn cancelled while queued or in prefill).
                 let u = &fin["usage"];
                 let began = u["completion_tokens"].as_u64().unwrap() > 0;
-                must_reuse = u[if began { "prompt_tokens" } else { "cached_tokens" }].as_u64();
+                let n = u[if began { "prompt_tokens" } else { "cached_tokens" }].as_u64().unwrap();
+                must_reuse = Some(must_reuse.unwrap_or(0).max(n));
             }
             // Exactly one final event: nothing else follows it.
             if let Some(v) = within(&mut ws, Duration::from_millis(30)).await {
