@@ -141,16 +141,7 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
                 }
                 _ = shutdown.changed(), if !*shutdown.borrow() => Vec::new(),
             };
-            let mut ok = true;
-            for v in out {
-                // A client that stops reading is dropped rather than waited for forever.
-                let sent = tokio::time::timeout(super::scheduler::CLIENT_STALL, socket.send(text(&v))).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    ok = false;
-                    break;
-                }
-            }
-            if !ok {
+            if !send_all(&mut socket, out).await {
                 break;
             }
         }
@@ -161,6 +152,23 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
     c.turn = TurnState::Idle;
     state.scheduler.close(id);
     state.metrics.sessions.dec();
+}
+
+/// Send messages in one write; false when the socket failed or its client read nothing for
+/// [`super::scheduler::CLIENT_STALL`] (a client that stops reading is dropped rather than
+/// waited for forever). Both WebSocket protocols send this way.
+pub(super) async fn send_all(socket: &mut WebSocket, out: Vec<Value>) -> bool {
+    use futures_util::SinkExt;
+    if out.is_empty() {
+        return true;
+    }
+    let write = async {
+        for v in &out {
+            socket.feed(text(v)).await?;
+        }
+        socket.flush().await
+    };
+    matches!(tokio::time::timeout(super::scheduler::CLIENT_STALL, write).await, Ok(Ok(())))
 }
 
 fn text(v: &Value) -> Ws {

@@ -88,11 +88,10 @@ impl Create {
     }
 
     /// The system turn: instructions, then the tools.
-    fn system(&self) -> String {
-        let tools = self.function_tools();
+    fn system(&self, tools: &[Tool]) -> String {
         let mut parts: Vec<String> = self.instructions.iter().filter(|s| !s.is_empty()).cloned().collect();
         if !tools.is_empty() {
-            parts.push(tools::system_section(&tools));
+            parts.push(tools::system_section(tools));
         }
         parts.join("\n\n")
     }
@@ -103,7 +102,8 @@ impl Create {
         let tk = &s.tokenizer;
         let bad = |e: anyhow::Error| ApiError::invalid(e.to_string());
         let new = input_messages(self.input.as_ref())?;
-        let system = self.system();
+        let tools = self.function_tools();
+        let system = self.system(&tools);
         let (prompt, messages) = match prev {
             Some(p) if p.system == system && p.answered() => {
                 if new.is_empty() {
@@ -147,7 +147,7 @@ impl Create {
             // Prefill only: the engine runs the prompt and stops before the first token.
             req.max_tokens = 0;
         }
-        Ok(Prepared { req, messages, system, tools: !self.function_tools().is_empty() })
+        Ok(Prepared { req, messages, system, tools: !tools.is_empty() })
     }
 
     /// The request's settings as the Response object echoes them.

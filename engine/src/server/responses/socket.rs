@@ -20,7 +20,6 @@ use crate::server::{ApiError, State};
 use axum::extract::ws::{CloseFrame, Message as Ws, WebSocket, WebSocketUpgrade};
 use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
-use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -119,19 +118,9 @@ async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemapho
             }
             Wake::Nothing => Vec::new(),
         };
-        if sends.is_empty() {
-            continue;
-        }
         // All of a step's events in one write (a first token comes with its item's
         // opening events).
-        let write = async {
-            for v in sends {
-                socket.feed(Ws::Text(v.to_string().into())).await?;
-            }
-            socket.flush().await
-        };
-        // A client that stops reading is dropped rather than waited for forever.
-        if !matches!(tokio::time::timeout(crate::server::scheduler::CLIENT_STALL, write).await, Ok(Ok(()))) {
+        if !crate::server::ws::send_all(&mut socket, sends).await {
             break;
         }
     }

@@ -293,11 +293,6 @@ impl Scheduler {
         self.submit(slot, req).unwrap_or_else(|r| Ticket { id: 0, control: Control::default(), events: Events::refused(r) })
     }
 
-    /// Jobs counted against `max_queue` now.
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
-    }
-
     /// Free a conversation's KV cache.
     pub fn close(&self, conv: u64) {
         let _ = self.tx.send(Cmd::Close(conv));
