@@ -107,7 +107,7 @@ fn main() {
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let app = App::new(base, "bench".into(), Options { port: 0, ..Options::default() }, stop_rx);
+    let app = App::new(base, "bench".into(), Options { port: 0, ..Options::default() }, stop_rx).unwrap();
     rt.spawn(app.run(listener));
     println!("model: {} (cpu), {TURNS} turns of {ANSWER}-token answers", path.display());
 

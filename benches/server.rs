@@ -140,7 +140,7 @@ fn main() {
     let opts = Options { port: 0, parallel: 16, max_sessions: 64, ..Options::default() };
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let app = App::new(base, "bench".into(), opts, stop_rx);
+    let app = App::new(base, "bench".into(), opts, stop_rx).unwrap();
     let server = rt.spawn(app.run(listener));
     println!("model: {} ({} backend), {TOKENS} tokens, {ROUNDS} rounds", path.display(), local.fwd.backend_name());
 

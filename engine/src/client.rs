@@ -9,10 +9,11 @@ use std::io::Write;
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
-/// `defaults` is sent as the session's defaults (`session.update` fields).
-pub fn chat(url: &str, defaults: Value) -> Result<()> {
+/// `defaults` is sent as the session's defaults (`session.update` fields); `key` is the
+/// server's API key, sent as `Authorization: Bearer KEY`.
+pub fn chat(url: &str, defaults: Value, key: Option<&str>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let r = rt.block_on(run(url, defaults));
+    let r = rt.block_on(run(url, defaults, key));
     // Reading stdin occupies a blocking thread the runtime would otherwise wait for.
     rt.shutdown_background();
     r
@@ -23,9 +24,30 @@ fn prompt() {
     let _ = std::io::stderr().flush();
 }
 
-async fn run(url: &str, defaults: Value) -> Result<()> {
+/// The WebSocket handshake, with the key; a refusal is told with the server's reason.
+async fn open(url: &str, key: Option<&str>) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Error;
+    let mut req = url.into_client_request().with_context(|| format!("not a WebSocket URL: {url}"))?;
+    if let Some(k) = key {
+        let v = format!("Bearer {k}").parse().context("the API key cannot travel in a header")?;
+        req.headers_mut().insert("authorization", v);
+    }
+    match tokio_tungstenite::connect_async_with_config(req, None, true).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(Error::Http(r)) => {
+            let body = r.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let why = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["error"]["message"].as_str().map(String::from)).unwrap_or(body.into_owned());
+            let hint = if r.status() == 401 && key.is_none() { " (pass --api-key or set FLINT_API_KEY)" } else { "" };
+            bail!("{url} refused the connection: HTTP {}: {why}{hint}", r.status())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot connect to {url}")),
+    }
+}
+
+async fn run(url: &str, defaults: Value, key: Option<&str>) -> Result<()> {
     let url = if url.ends_with("/v1/ws") { url.to_string() } else { format!("{}/v1/ws", url.trim_end_matches('/')) };
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.with_context(|| format!("cannot connect to {url}"))?;
+    let ws = open(&url, key).await?;
     let (mut tx, mut rx) = ws.split();
     let mut update = defaults;
     update["type"] = json!("session.update");

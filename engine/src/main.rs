@@ -54,6 +54,9 @@ enum Cmd {
         /// loading a model here; a line typed while the answer streams redirects it.
         #[arg(long)]
         connect: Option<String>,
+        /// The server's API key, for --connect.
+        #[arg(long, env = "FLINT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
     /// Serve the model: WebSocket sessions (/v1/ws), OpenAI-compatible HTTP, a browser chat
     /// page (/), /health and /metrics.
@@ -346,7 +349,7 @@ fn run(cmd: Cmd) -> Result<()> {
             out(&format!("{}\n", path.display()));
         }
         Cmd::Generate(a) => generate(a)?,
-        Cmd::Chat { model, sampling, system, max_tokens, connect: Some(url) } => {
+        Cmd::Chat { model, sampling, system, max_tokens, connect: Some(url), api_key } => {
             let mut d = serde_json::json!({
                 "max_tokens": max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,
                 "top_p": sampling.top_p, "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty, "seed": sampling.seed,
@@ -355,9 +358,9 @@ fn run(cmd: Cmd) -> Result<()> {
                 d["system"] = serde_json::json!(s);
             }
             let _ = model;
-            flint::client::chat(&url, d)?
+            flint::client::chat(&url, d, api_key.as_deref())?
         }
-        Cmd::Chat { model, sampling, system, max_tokens, connect: None } => chat(model, sampling, system, max_tokens)?,
+        Cmd::Chat { model, sampling, system, max_tokens, connect: None, .. } => chat(model, sampling, system, max_tokens)?,
         Cmd::Serve(a) => serve(a)?,
         Cmd::Hdl { cmd: HdlCmd::Vectors { model, tensor, synthetic, token, seed, out } } => {
             hdl_vectors(model, tensor, synthetic, token, seed, &out)?

@@ -51,6 +51,65 @@ pub struct ServeArgs {
     /// Seconds a stored response is kept.
     #[arg(long, default_value_t = 3600.0)]
     stored_response_ttl: f64,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+/// Who may use the server (docs/protocol.md, "Security").
+#[derive(Args)]
+pub struct SecurityArgs {
+    /// Require this API key (Authorization: Bearer KEY) on every API route and WebSocket;
+    /// repeatable. Also FLINT_API_KEY.
+    #[arg(long = "api-key", value_name = "KEY", env = "FLINT_API_KEY", hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// Keys from a file, one a line (# comments); read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<std::path::PathBuf>,
+    /// Serve a non-loopback --host without an API key (anyone who reaches it may use it).
+    #[arg(long)]
+    insecure_no_key: bool,
+    /// A browser origin besides the server's own whose pages may call the API (CORS), e.g.
+    /// http://localhost:3000; repeatable; * allows any.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    allow_origins: Vec<String>,
+    /// A host name the server answers to besides IP literals and localhost (the
+    /// DNS-rebinding guard); repeatable.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_hosts: Vec<String>,
+    /// Serve /metrics without a key (for a scraper).
+    #[arg(long)]
+    public_metrics: bool,
+    /// Requests (HTTP requests and WebSocket turns) per minute per key; 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    rate_limit: u32,
+    /// Generations running or queued at once per key; 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    max_parallel_per_key: usize,
+}
+
+impl SecurityArgs {
+    fn settings(self) -> flint::server::guard::Settings {
+        flint::server::guard::Settings {
+            api_keys: self.api_keys,
+            api_key_file: self.api_key_file,
+            insecure_no_key: self.insecure_no_key,
+            allow_origins: self.allow_origins,
+            allow_hosts: self.allow_hosts,
+            public_metrics: self.public_metrics,
+            limits: flint::server::guard::keys::Limits { per_minute: self.rate_limit, parallel: self.max_parallel_per_key },
+        }
+    }
+}
+
+/// Refuse an exposed address without a key before the model loads (the server checks the
+/// address it binds again).
+fn check_exposure(host: &str, port: u16, s: &flint::server::guard::Settings) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let keyed = !s.api_keys.is_empty() || s.api_key_file.is_some();
+    for addr in (host, port).to_socket_addrs().into_iter().flatten() {
+        flint::server::guard::exposure(addr, keyed, s.insecure_no_key)?;
+    }
+    Ok(())
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -68,6 +127,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if !(a.stored_response_ttl.is_finite() && a.stored_response_ttl > 0.0 && a.stored_response_ttl < 1e9) {
         bail!("--stored-response-ttl must be a number of seconds > 0");
     }
+    let security = a.security.settings();
+    check_exposure(&a.host, a.port, &security)?;
     let path = model_path(&a.model.model)?;
     let l = Loaded::open(&path)?;
     let engine = l.engine_on(a.model.backend, 0, a.model.adapter.as_deref())?;
@@ -87,6 +148,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         speculative: a.speculative,
         max_stored_responses: a.max_stored_responses,
         stored_response_ttl: std::time::Duration::from_secs_f64(a.stored_response_ttl),
+        security,
     };
     flint::server::serve(engine, model_id, opts)
 }

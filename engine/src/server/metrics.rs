@@ -18,6 +18,13 @@ pub struct Protocol {
     pub protocol: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refusal {
+    /// `unauthorized`, `forbidden_host`, `forbidden_origin`, `unsupported_media_type`,
+    /// `rate_limited` or `parallel_limit`.
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// From a job's submission (queueing included) to its first token.
@@ -35,6 +42,8 @@ pub struct Metrics {
     pub accepted_tokens: Counter,
     pub requests: Family<Finish, Counter>,
     pub sessions_opened: Family<Protocol, Counter>,
+    /// Requests and turns the security checks refused, by reason.
+    pub refused: Family<Refusal, Counter>,
     pub sessions: Gauge,
     pub active_generations: Gauge,
     pub queue_depth: Gauge,
@@ -59,6 +68,7 @@ impl Metrics {
             accepted_tokens: Counter::default(),
             requests: Family::default(),
             sessions_opened: Family::default(),
+            refused: Family::default(),
             sessions: Gauge::default(),
             active_generations: Gauge::default(),
             queue_depth: Gauge::default(),
@@ -76,6 +86,7 @@ impl Metrics {
         r.register("requests", "Finished generations by finish reason", m.requests.clone());
         r.register("sessions", "Open WebSocket sessions", m.sessions.clone());
         r.register("sessions_opened", "WebSocket sessions opened, by protocol", m.sessions_opened.clone());
+        r.register("refused", "Requests refused by the security checks (key, Host, Origin, content type, limits)", m.refused.clone());
         r.register("active_generations", "Generations in progress", m.active_generations.clone());
         r.register("queue_depth", "Generations waiting for a turn", m.queue_depth.clone());
         Metrics { registry: r, ..m }

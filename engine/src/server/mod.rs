@@ -11,6 +11,7 @@
 //! Every request becomes a job for the engine thread ([`scheduler`]), which owns the model
 //! and the KV caches and interleaves the jobs step by step.
 
+pub mod guard;
 pub mod metrics;
 mod openai;
 mod responses;
@@ -62,6 +63,8 @@ pub struct Options {
     pub max_stored_responses: usize,
     /// And for at most this long.
     pub stored_response_ttl: Duration,
+    /// API keys, the Host and Origin checks, per-key limits.
+    pub security: guard::Settings,
 }
 
 impl Default for Options {
@@ -81,6 +84,7 @@ impl Default for Options {
             speculative: None,
             max_stored_responses: 256,
             stored_response_ttl: Duration::from_secs(3600),
+            security: guard::Settings::default(),
         }
     }
 }
@@ -96,6 +100,7 @@ pub(crate) struct State {
     pub next_id: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
     pub responses: responses::store::Store,
+    pub guard: guard::Guard,
 }
 
 /// Error codes shared by the WebSocket `error` event and the HTTP error body.
@@ -103,11 +108,13 @@ pub(crate) struct State {
 pub(crate) struct ApiError {
     pub code: &'static str,
     pub message: String,
+    /// Seconds after which a refused request may be tried again (HTTP `retry-after`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into() }
+        ApiError { code, message: message.into(), retry_after: None }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new("invalid_request", message)
@@ -116,7 +123,7 @@ impl ApiError {
 
 impl From<scheduler::Refused> for ApiError {
     fn from(r: scheduler::Refused) -> Self {
-        ApiError { code: r.code, message: r.message }
+        ApiError::new(r.code, r.message)
     }
 }
 
@@ -239,8 +246,10 @@ pub fn serve(engine: Engine, model_id: String, opts: Options) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
         let (tx, rx) = watch::channel(false);
-        let app = App::new(engine, model_id, opts, rx);
-        eprintln!("flint: serving {} on http://{} (WebSocket /v1/ws)", app.state.model_id, listener.local_addr()?);
+        let app = App::new(engine, model_id, opts, rx)?;
+        app.state.guard.bind(listener.local_addr()?)?;
+        let keys = if app.state.guard.key_required() { "API key required" } else { "no API key" };
+        eprintln!("flint: serving {} on http://{} (WebSocket /v1/ws; {keys})", app.state.model_id, listener.local_addr()?);
         tokio::spawn(async move {
             shutdown_signal().await;
             eprintln!("flint: shutting down");
@@ -257,9 +266,11 @@ pub struct App {
 }
 
 impl App {
-    /// Start the engine thread. `shutdown` turning true begins a graceful shutdown.
-    pub fn new(engine: Engine, model_id: String, opts: Options, shutdown: watch::Receiver<bool>) -> App {
+    /// Start the engine thread. `shutdown` turning true begins a graceful shutdown. Fails
+    /// on bad security settings (an unreadable key file, a malformed `--allow-origin`).
+    pub fn new(engine: Engine, model_id: String, opts: Options, shutdown: watch::Receiver<bool>) -> Result<App> {
         let metrics = Arc::new(Metrics::new());
+        let guard = guard::Guard::new(opts.security.clone(), metrics.clone())?;
         let limits = Limits { parallel: opts.parallel.max(1), max_queue: opts.max_queue, prefill_chunk: opts.prefill_chunk.max(1) };
         let (n_ctx, tokenizer) = (engine.fwd.config().n_ctx, engine.tokenizer.clone());
         let (scheduler, engine_thread) = Scheduler::start(engine, limits, metrics.clone());
@@ -274,14 +285,20 @@ impl App {
             metrics,
             next_id: AtomicU64::new(1),
             shutdown,
+            guard,
         });
-        App { state, engine_thread }
+        Ok(App { state, engine_thread })
     }
 
     pub async fn run(self, listener: tokio::net::TcpListener) -> Result<()> {
         let state = self.state.clone();
+        state.guard.bind(listener.local_addr()?)?;
+        #[cfg(unix)]
+        if state.opts.security.api_key_file.is_some() {
+            tokio::spawn(reload_keys(state.clone()));
+        }
         let router = Router::new()
-            .route("/", get(|| async { Html(PAGE) }))
+            .route("/", get(page))
             .route("/health", get(health))
             .route("/metrics", get(metrics_text))
             .route("/v1/ws", get(ws::upgrade))
@@ -292,7 +309,13 @@ impl App {
             .route("/v1/responses/{id}", get(responses::http::get).delete(responses::http::delete))
             .fallback(openai::not_found)
             .layer(axum::extract::DefaultBodyLimit::max(state.opts.max_message))
-            .with_state(state.clone());
+            .layer(axum::middleware::from_fn_with_state(state.clone(), guard::check));
+        // CORS answers only where other origins are allowed; the server's own page needs none.
+        let router = match state.guard.cors() {
+            Some(cors) => router.layer(cors),
+            None => router,
+        }
+        .with_state(state.clone());
         let mut stop = state.shutdown.clone();
         // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds them back
         // until the client's delayed ACK (tens of milliseconds).
@@ -318,9 +341,34 @@ impl App {
     }
 }
 
+/// The browser page, which no other page may frame.
+async fn page() -> impl IntoResponse {
+    use axum::http::header;
+    let headers = [
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    (headers, Html(PAGE))
+}
+
+/// SIGHUP reads the key file again; a bad file leaves the keys in force.
+#[cfg(unix)]
+async fn reload_keys(s: Arc<State>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        match s.guard.reload() {
+            Ok(n) => eprintln!("flint: SIGHUP: {n} API keys in force"),
+            Err(e) => eprintln!("flint: SIGHUP: {e:#}; the keys in force stay"),
+        }
+    }
+}
+
 async fn health(axum::extract::State(s): axum::extract::State<Arc<State>>) -> impl IntoResponse {
     axum::Json(serde_json::json!({
         "status": if *s.shutdown.borrow() { "shutting_down" } else { "ok" },
+        "api_key_required": s.guard.key_required(),
         "model": s.model_id,
         "sessions": s.metrics.sessions.get(),
         "active_generations": s.metrics.active_generations.get(),

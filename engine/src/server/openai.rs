@@ -2,13 +2,14 @@
 //! server-sent events, or whole), `/v1/models`, and OpenAI-style error bodies.
 //! A client that disconnects drops the event receiver, which cancels its generation.
 
+use super::guard::Caller;
 use super::scheduler::{Event, Events, Slot};
 use super::{ApiError, GenParams, State};
 use crate::generate::Outcome;
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State as AxState;
+use axum::extract::{Extension, State as AxState};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as Sse, Sse as SseBody};
 use axum::response::{IntoResponse, Response};
@@ -21,9 +22,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub(crate) fn error_response(status: u16, e: ApiError) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else if status == StatusCode::TOO_MANY_REQUESTS {
+        "requests"
+    } else {
+        "invalid_request_error"
+    };
     let body = json!({"error": {"message": e.message, "type": kind, "param": null, "code": e.code}});
-    (status, axum::Json(body)).into_response()
+    let mut r = (status, axum::Json(body)).into_response();
+    if let Some(s) = e.retry_after {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+    }
+    r
 }
 
 pub(crate) fn status_of(code: &str) -> u16 {
@@ -31,6 +42,10 @@ pub(crate) fn status_of(code: &str) -> u16 {
         "busy" | "shutting_down" => 503,
         "too_large" => 413,
         "not_found" => 404,
+        "invalid_api_key" => 401,
+        "forbidden" => 403,
+        "unsupported_media_type" => 415,
+        "rate_limit_exceeded" => 429,
         "internal" => 500,
         _ => 400,
     }
@@ -180,7 +195,7 @@ enum Kind {
     Completion,
 }
 
-pub(super) async fn chat(AxState(s): AxState<Arc<State>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn chat(AxState(s): AxState<Arc<State>>, Extension(who): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
     let r: ChatRequest = match parse(body) {
         Ok(r) => r,
         Err(e) => return fail(e),
@@ -202,12 +217,12 @@ pub(super) async fn chat(AxState(s): AxState<Arc<State>>, body: Result<Bytes, By
         s.tokenizer.chat_tokens(&msgs).map_err(|e| ApiError::invalid(e.to_string()))
     })();
     match prompt {
-        Ok(p) => run(s, p, r.common, Kind::Chat).await,
+        Ok(p) => run(s, who, p, r.common, Kind::Chat).await,
         Err(e) => fail(e),
     }
 }
 
-pub(super) async fn completions(AxState(s): AxState<Arc<State>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn completions(AxState(s): AxState<Arc<State>>, Extension(who): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
     let r: CompletionRequest = match parse(body) {
         Ok(r) => r,
         Err(e) => return fail(e),
@@ -225,7 +240,7 @@ pub(super) async fn completions(AxState(s): AxState<Arc<State>>, body: Result<By
         }
     };
     match prompt {
-        Ok(p) => run(s, p, r.common, Kind::Completion).await,
+        Ok(p) => run(s, who, p, r.common, Kind::Completion).await,
         Err(e) => fail(ApiError::invalid(e.to_string())),
     }
 }
@@ -265,7 +280,7 @@ fn usage(o: &Outcome) -> Value {
     })
 }
 
-async fn run(s: Arc<State>, prompt: Vec<u32>, c: Common, kind: Kind) -> Response {
+async fn run(s: Arc<State>, who: Caller, prompt: Vec<u32>, c: Common, kind: Kind) -> Response {
     if c.n.is_some_and(|n| n != 1) {
         return fail(ApiError::invalid("n: only one choice per request"));
     }
@@ -282,8 +297,12 @@ async fn run(s: Arc<State>, prompt: Vec<u32>, c: Common, kind: Kind) -> Response
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    let hold = match who.lease(&s.metrics) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
     // Dropping the events (a client that disconnects) cancels the generation.
-    let mut rx = s.scheduler.submit_or_refuse(Slot::Pool, req).events;
+    let mut rx = s.scheduler.submit_or_refuse(Slot::Pool, req, hold).events;
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let prefix = match kind {
         Kind::Chat => "chatcmpl",
@@ -292,7 +311,7 @@ async fn run(s: Arc<State>, prompt: Vec<u32>, c: Common, kind: Kind) -> Response
     let meta = Meta { id: format!("{prefix}-{}", s.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), created, model: s.model_id.clone(), kind };
     // Wait for the first event so a refusal (queue full, context) gets its HTTP status.
     let first = match rx.recv().await {
-        Some(Event::Error { code, message }) => return fail(ApiError { code, message }),
+        Some(Event::Error { code, message }) => return fail(ApiError::new(code, message)),
         Some(ev) => ev,
         None => return fail(ApiError::new("internal", "the engine dropped the request")),
     };
@@ -324,7 +343,7 @@ async fn whole(meta: Meta, first: Event, mut rx: Events) -> Response {
                 body["timings"] = super::timings_json(&o);
                 return axum::Json(body).into_response();
             }
-            Some(Event::Error { code, message }) => return fail(ApiError { code, message }),
+            Some(Event::Error { code, message }) => return fail(ApiError::new(code, message)),
             None => return fail(ApiError::new("internal", "the engine dropped the request")),
         }
         ev = rx.recv().await;

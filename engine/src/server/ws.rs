@@ -3,12 +3,13 @@
 //! The conversation's tokens are kept here and its KV cache in the engine thread, so a
 //! follow-up turn or a redirect appends to the context and prefills only the new tokens.
 
+use super::guard::Caller;
 use super::scheduler::{Control, Event, Events, Slot};
 use super::{ApiError, GenParams, State};
 use crate::generate::Outcome;
 use crate::tokenizer::Message;
 use axum::extract::ws::{CloseFrame, Message as Ws, WebSocket, WebSocketUpgrade};
-use axum::extract::State as AxState;
+use axum::extract::{Extension, State as AxState};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,9 +21,9 @@ use tokio::sync::OwnedSemaphorePermit;
 /// `max_message` get an `error` event and the connection stays usable.
 const HARD_LIMIT: usize = 16 << 20;
 
-pub(super) async fn upgrade(AxState(state): AxState<Arc<State>>, ws: WebSocketUpgrade) -> Response {
+pub(super) async fn upgrade(AxState(state): AxState<Arc<State>>, Extension(who): Extension<Caller>, ws: WebSocketUpgrade) -> Response {
     match admit(&state, ws) {
-        Ok((permit, ws)) => ws.on_upgrade(move |socket| session(state, socket, permit)).into_response(),
+        Ok((permit, ws)) => ws.on_upgrade(move |socket| session(state, who, socket, permit)).into_response(),
         Err(r) => r,
     }
 }
@@ -38,7 +39,9 @@ pub(super) fn admit(state: &State, ws: WebSocketUpgrade) -> Result<(OwnedSemapho
         return Err(super::openai::error_response(503, ApiError::new("busy", msg)));
     };
     let hard = HARD_LIMIT.max(2 * state.opts.max_message);
-    Ok((permit, ws.max_message_size(hard).max_frame_size(hard)))
+    // A browser that offers subprotocols (its key travels in one) fails the handshake
+    // unless the server selects one of them.
+    Ok((permit, ws.max_message_size(hard).max_frame_size(hard).protocols([super::guard::PROTOCOL])))
 }
 
 /// A turn's content: new messages for the conversation, or a raw prompt.
@@ -97,6 +100,8 @@ impl TurnState {
 struct Conn {
     id: u64,
     state: Arc<State>,
+    /// Whose session it is: each turn counts against its key's limits.
+    who: Caller,
     system: Option<String>,
     defaults: GenParams,
     /// The tokens the conversation's KV cache holds: last prompt and answer.
@@ -106,11 +111,11 @@ struct Conn {
     turn: TurnState,
 }
 
-async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
+async fn session(state: Arc<State>, who: Caller, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     state.metrics.sessions.inc();
     state.metrics.sessions_opened.get_or_create(&crate::server::metrics::Protocol { protocol: "ws" }).inc();
-    let mut c = Conn { id, state: state.clone(), system: None, defaults: GenParams::default(), context: Vec::new(), chat: false, turn: TurnState::Idle };
+    let mut c = Conn { id, state: state.clone(), who, system: None, defaults: GenParams::default(), context: Vec::new(), chat: false, turn: TurnState::Idle };
     let hello = json!({"type": "session", "id": id.to_string(), "model": state.model_id, "n_ctx": state.n_ctx});
     let mut shutdown = state.shutdown.clone();
     let mut last_seen = tokio::time::Instant::now();
@@ -176,7 +181,11 @@ fn text(v: &Value) -> Ws {
 }
 
 fn error(e: ApiError) -> Value {
-    json!({"type": "error", "code": e.code, "message": e.message})
+    let mut v = json!({"type": "error", "code": e.code, "message": e.message});
+    if let Some(s) = e.retry_after {
+        v["retry_after"] = json!(s);
+    }
+    v
 }
 
 /// The next event of the running turn, with the deltas already waiting merged into one (a
@@ -310,14 +319,15 @@ impl Conn {
             _ => return Err(ApiError::invalid("send either prompt or content/messages, not both")),
         };
         let req = self.state.request(prompt, &t.params.over(&self.defaults), t.prediction.as_deref())?;
-        let ticket = self.state.scheduler.submit(Slot::Conv(self.id), req)?;
+        let hold = self.who.turn(&self.state.metrics)?;
+        let ticket = self.state.scheduler.submit_held(Slot::Conv(self.id), req, hold)?;
         Ok(Running { events: ticket.events, control: ticket.control, id: t.id, chat })
     }
 
     fn on_event(&mut self, ev: Event) -> Vec<Value> {
         let end = match ev {
             Event::Delta { text, tokens } => return vec![json!({"type": "delta", "text": text, "tokens": tokens})],
-            Event::Error { code, message } => Err(ApiError { code, message }),
+            Event::Error { code, message } => Err(ApiError::new(code, message)),
             Event::Done(o) => Ok(o),
         };
         // The final event: the turn is over, whatever follows.

@@ -6,13 +6,14 @@ use super::emit::{Emitter, Ending};
 use super::store::Stored;
 use super::{Create, Prepared};
 use crate::server::openai::{error_response, fail, parse_body};
+use crate::server::guard::Caller;
 use crate::server::scheduler::{Control, Event, Events, Slot, Why};
 use crate::server::{timings_json, ApiError, State};
 use crate::generate::{FinishReason, Outcome};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State as AxState};
+use axum::extract::{Extension, Path, State as AxState};
 use axum::response::sse::{Event as Sse, Sse as SseBody};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
@@ -145,7 +146,7 @@ pub fn previous(s: &State, id: Option<&str>) -> Result<Option<Arc<Stored>>, ApiE
     }
 }
 
-pub async fn create(AxState(s): AxState<Arc<State>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn create(AxState(s): AxState<Arc<State>>, Extension(who): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
     let c = match parse_body(body).and_then(Create::parse) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -157,14 +158,18 @@ pub async fn create(AxState(s): AxState<Arc<State>>, body: Result<Bytes, BytesRe
     };
     let stream = c.stream == Some(true);
     let run = Running::new(&s, c, &p);
-    let ticket = match s.scheduler.submit(Slot::Pool, p.req) {
+    let hold = match who.lease(&s.metrics) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
+    let ticket = match s.scheduler.submit_held(Slot::Pool, p.req, hold) {
         Ok(t) => t,
         Err(r) => return fail(r.into()),
     };
     let mut events = ticket.events;
     // Wait for the first event so a refusal gets its HTTP status.
     let first = match events.recv().await {
-        Some(Event::Error { code, message }) => return fail(ApiError { code, message }),
+        Some(Event::Error { code, message }) => return fail(ApiError::new(code, message)),
         Some(ev) => ev,
         None => return fail(ApiError::new("internal", "the engine dropped the request")),
     };

@@ -15,10 +15,11 @@
 use super::http::{previous, Ended, Running};
 use super::store::Stored;
 use super::Create;
+use crate::server::guard::Caller;
 use crate::server::scheduler::{Control, Event, Events, Slot};
 use crate::server::{ApiError, State};
 use axum::extract::ws::{CloseFrame, Message as Ws, WebSocket, WebSocketUpgrade};
-use axum::extract::State as AxState;
+use axum::extract::{Extension, State as AxState};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -30,9 +31,9 @@ use tokio::sync::OwnedSemaphorePermit;
 const MAX_LANES: usize = 8;
 const MAX_WAITING: usize = 16;
 
-pub async fn upgrade(AxState(state): AxState<Arc<State>>, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(AxState(state): AxState<Arc<State>>, Extension(who): Extension<Caller>, ws: WebSocketUpgrade) -> Response {
     match crate::server::ws::admit(&state, ws) {
-        Ok((permit, ws)) => ws.on_upgrade(move |socket| session(state, socket, permit)).into_response(),
+        Ok((permit, ws)) => ws.on_upgrade(move |socket| session(state, who, socket, permit)).into_response(),
         Err(r) => r,
     }
 }
@@ -56,6 +57,8 @@ struct Lane {
 
 struct Conn {
     state: Arc<State>,
+    /// Whose connection it is: each response counts against its key's limits.
+    who: Caller,
     lanes: HashMap<Option<String>, Lane>,
 }
 
@@ -83,10 +86,10 @@ async fn next_event(lanes: &mut HashMap<Option<String>, Lane>) -> (Option<String
     futures_util::future::select_all(running).await.0
 }
 
-async fn session(state: Arc<State>, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
+async fn session(state: Arc<State>, who: Caller, mut socket: WebSocket, _permit: OwnedSemaphorePermit) {
     state.metrics.sessions.inc();
     state.metrics.sessions_opened.get_or_create(&crate::server::metrics::Protocol { protocol: "responses" }).inc();
-    let mut c = Conn { state: state.clone(), lanes: HashMap::new() };
+    let mut c = Conn { state: state.clone(), who, lanes: HashMap::new() };
     let mut shutdown = state.shutdown.clone();
     let mut last_seen = tokio::time::Instant::now();
     loop {
@@ -149,8 +152,11 @@ fn with_lane(mut v: Value, lane: &Option<String>) -> Value {
 fn error(e: &ApiError, lane: &Option<String>) -> Value {
     let status = crate::server::openai::status_of(e.code);
     let kind = if status >= 500 { "server_error" } else { "invalid_request_error" };
-    let v = json!({"type": "error", "status": status, "code": e.code, "message": e.message, "param": null,
+    let mut v = json!({"type": "error", "status": status, "code": e.code, "message": e.message, "param": null,
         "error": {"type": kind, "code": e.code, "message": e.message, "param": null}});
+    if let Some(s) = e.retry_after {
+        v["retry_after"] = json!(s);
+    }
     with_lane(v, lane)
 }
 
@@ -238,7 +244,8 @@ impl Conn {
         let mut run = Running::new(&self.state, c, &p);
         let id = run.emitter.id().to_string();
         let conv = self.lane(&lane)?.conv;
-        let ticket = self.state.scheduler.submit(Slot::Conv(conv), p.req)?;
+        let hold = self.who.turn(&self.state.metrics)?;
+        let ticket = self.state.scheduler.submit_held(Slot::Conv(conv), p.req, hold)?;
         let opening = run.begin(&self.state).into_iter().map(|v| with_lane(v, &lane)).collect();
         self.lane(&lane)?.active = Some(Active { id, control: ticket.control, events: ticket.events, run, steer: None });
         Ok(opening)

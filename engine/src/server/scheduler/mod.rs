@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use super::guard::Hold;
 
 /// Which KV cache a job runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,10 +139,14 @@ enum Final {
 struct Reply {
     data: mpsc::Sender<Event>,
     fin: Option<oneshot::Sender<Final>>,
+    /// The client's place in its key's generations at once, given back before the final
+    /// event goes, so a client that answers it at once finds its place free.
+    hold: Hold,
 }
 
 impl Reply {
     fn finish(mut self, f: Final) {
+        self.hold = None;
         if let Some(tx) = self.fin.take() {
             let _ = tx.send(f);
         }
@@ -152,6 +157,7 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
+        self.hold = None;
         if let Some(tx) = self.fin.take() {
             let _ = tx.send(Final::Error { code: "internal", message: "the engine stopped without ending this generation".into() });
         }
@@ -167,15 +173,15 @@ pub struct Events {
 }
 
 impl Events {
-    fn pair() -> (Reply, Events) {
+    fn pair(hold: Hold) -> (Reply, Events) {
         let (data_tx, data) = mpsc::channel(CHANNEL);
         let (fin_tx, fin) = oneshot::channel();
-        (Reply { data: data_tx, fin: Some(fin_tx) }, Events { data, fin: Some(fin), pending: None })
+        (Reply { data: data_tx, fin: Some(fin_tx), hold }, Events { data, fin: Some(fin), pending: None })
     }
 
     /// An `Events` that holds only a final error (a request refused before the engine).
     pub fn refused(r: Refused) -> Events {
-        let (reply, events) = Events::pair();
+        let (reply, events) = Events::pair(None);
         reply.finish(Final::Error { code: r.code, message: r.message });
         events
     }
@@ -271,6 +277,12 @@ impl Scheduler {
     /// Queue a request. Refused at once when the queue is full or the server shuts down;
     /// later refusals (the context, the shutdown) arrive as the ticket's final `Error`.
     pub fn submit(&self, slot: Slot, req: Request) -> Result<Ticket, Refused> {
+        self.submit_held(slot, req, None)
+    }
+
+    /// As [`Scheduler::submit`], holding `hold` (a place in the client's key's limit) until
+    /// the request ends, however it ends.
+    pub fn submit_held(&self, slot: Slot, req: Request, hold: Hold) -> Result<Ticket, Refused> {
         // Counted here so a burst of submissions cannot overshoot the limit; the engine
         // uncounts a job when it leaves the queue, by admission or by any exit.
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
@@ -279,7 +291,7 @@ impl Scheduler {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let control = Control::default();
-        let (reply, events) = Events::pair();
+        let (reply, events) = Events::pair(hold);
         let job = worker::Job { id, slot, req, control: control.clone(), reply, submitted: Instant::now() };
         if self.tx.send(Cmd::Submit(job)).is_err() {
             self.queued.fetch_sub(1, Ordering::SeqCst);
@@ -289,8 +301,8 @@ impl Scheduler {
     }
 
     /// As [`Scheduler::submit`], with a refusal delivered as the events' final `Error`.
-    pub fn submit_or_refuse(&self, slot: Slot, req: Request) -> Ticket {
-        self.submit(slot, req).unwrap_or_else(|r| Ticket { id: 0, control: Control::default(), events: Events::refused(r) })
+    pub fn submit_or_refuse(&self, slot: Slot, req: Request, hold: Hold) -> Ticket {
+        self.submit_held(slot, req, hold).unwrap_or_else(|r| Ticket { id: 0, control: Control::default(), events: Events::refused(r) })
     }
 
     /// Free a conversation's KV cache.
@@ -321,7 +333,7 @@ mod tests {
 
     #[test]
     fn the_final_event_arrives_after_a_full_channel_and_the_tail_before_it() {
-        let (reply, mut events) = Events::pair();
+        let (reply, mut events) = Events::pair(None);
         for i in 0..CHANNEL {
             reply.data.try_send(Event::Delta { text: i.to_string(), tokens: vec![i as u32] }).unwrap();
         }
@@ -337,7 +349,7 @@ mod tests {
 
     #[test]
     fn a_reply_dropped_without_its_final_event_still_ends_the_request() {
-        let (reply, mut events) = Events::pair();
+        let (reply, mut events) = Events::pair(None);
         reply.data.try_send(Event::Delta { text: "a".into(), tokens: vec![1] }).unwrap();
         drop(reply);
         assert!(matches!(events.blocking_recv(), Some(Event::Delta { .. })));
@@ -347,7 +359,7 @@ mod tests {
 
     #[test]
     fn merged_deltas_stop_at_the_final_event() {
-        let (reply, mut events) = Events::pair();
+        let (reply, mut events) = Events::pair(None);
         for t in ["a", "b", "c"] {
             reply.data.try_send(Event::Delta { text: t.into(), tokens: vec![0] }).unwrap();
         }
