@@ -4,21 +4,18 @@
 
 mod common;
 
-use common::server::{http, Server, Ws};
+use common::codex::{codex, codex_exec};
+use common::server::{body, counter, http, Server, Ws};
 use common::{python_with, tiny_model};
 use flint::quant::GgmlType;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn body(r: &str) -> Value {
-    serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or(Value::Null)
 }
 
 #[test]
@@ -131,53 +128,15 @@ async fn a_new_connection_reuses_the_cache_a_closed_one_left() {
     assert!(cached[1].0 + 1 >= cached[1].1, "the second reuses all but the last prompt token: {cached:?}");
 }
 
-/// The Codex CLI: the npm package's binary (tests/run.sh installs it), or `FLINT_CODEX`.
-fn codex() -> Option<PathBuf> {
-    let p = std::env::var_os("FLINT_CODEX").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flint/codex/node_modules/.bin/codex")
-    });
-    p.exists().then_some(p)
-}
-
-/// `codex exec PROMPT` with a config pointing at `addr`; (exit code, stdout, stderr).
-fn codex_exec(bin: &Path, home: &Path, addr: &str, websockets: bool, prompt: &str) -> (i32, String, String) {
-    let models = home.join("models.json");
-    std::fs::write(&models, http("GET", &format!("http://{addr}/v1/models"), "").split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    let catalog: Value = serde_json::from_slice(&std::fs::read(&models).unwrap()).unwrap();
-    let model = catalog["models"][0]["slug"].as_str().unwrap().to_string();
-    let config = format!(
-        "model = {model:?}\nmodel_provider = \"flint\"\nmodel_catalog_json = {:?}\n\n[model_providers.flint]\nname = \"Flint\"\n\
-         base_url = \"http://{addr}/v1\"\nwire_api = \"responses\"\nrequest_max_retries = 0\nstream_max_retries = 0\nsupports_websockets = {websockets}\n",
-        models.to_str().unwrap()
-    );
-    std::fs::write(home.join("config.toml"), config).unwrap();
-    let out = Command::new(bin)
-        .args(["exec", "--skip-git-repo-check", prompt])
-        .env("CODEX_HOME", home)
-        .current_dir(home)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run codex");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
 #[test]
 fn the_codex_cli_answers_over_http_and_websocket() {
-    let Some(bin) = codex() else {
-        assert!(std::env::var_os("FLINT_REQUIRE_CODEX").is_none(), "the Codex CLI is required (FLINT_REQUIRE_CODEX): npm install @openai/codex@0.169.0");
-        eprintln!("SKIPPED the_codex_cli_answers_over_http_and_websocket: no Codex CLI (npm install @openai/codex@0.169.0 into ~/.cache/flint/codex)");
-        return;
-    };
+    let Some(bin) = codex("the_codex_cli_answers_over_http_and_websocket") else { return };
     let Some(model) = common::real_model("the_codex_cli (real model)") else { return };
     let s = Server::start(&model, &["--max-tokens", "64"]);
     let home = common::temp_dir("codex-home");
     std::fs::create_dir_all(&home).unwrap();
     // Over HTTP (server-sent events): the answer is printed on stdout.
-    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, false, "say hi");
+    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, false, None, "say hi");
     eprintln!("codex over HTTP: rc {rc}, stdout {out:?}");
     assert_eq!(rc, 0, "codex exec over HTTP failed:\n{err}");
     assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
@@ -185,7 +144,7 @@ fn the_codex_cli_answers_over_http_and_websocket() {
     // Over the WebSocket mode: the prewarm (`generate: false`) prefills the instructions and
     // tools, and the turn continues on that cache with only its new input.
     let before = http("GET", &s.url("/metrics"), "");
-    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, true, "say hi");
+    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, true, None, "say hi");
     eprintln!("codex over WebSocket: rc {rc}, stdout {out:?}");
     assert_eq!(rc, 0, "codex exec over WebSocket failed:\n{err}");
     assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
@@ -196,7 +155,7 @@ fn the_codex_cli_answers_over_http_and_websocket() {
     assert!(counter(&after, cached) > counter(&before, cached) + 1000, "the turn continued on the prewarmed cache:\n{after}");
     // A request past the context: Codex shows OpenAI's context_length_exceeded as such.
     let long = "Summarize this text. ".to_string() + &"the quick brown fox jumps over the lazy dog ".repeat(1200);
-    let (rc, _, err) = codex_exec(&bin, &home, &s.addr, false, &long);
+    let (rc, _, err) = codex_exec(&bin, &home, &s.addr, false, None, &long);
     assert_ne!(rc, 0);
     assert!(err.contains("context window"), "Codex shows the context error:\n{err}");
     assert!(!http("GET", &s.url("/metrics"), "").contains("reason=\"internal\""));
