@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::codex::{codex, codex_exec};
+use common::codex::{codex, codex_exec, Keys};
 use common::server::{body, counter, http, Server, Ws};
 use common::{python_with, tiny_model};
 use flint::quant::GgmlType;
@@ -136,7 +136,7 @@ fn the_codex_cli_answers_over_http_and_websocket() {
     let home = common::temp_dir("codex-home");
     std::fs::create_dir_all(&home).unwrap();
     // Over HTTP (server-sent events): the answer is printed on stdout.
-    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, false, None, "say hi");
+    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, false, Keys::default(), "say hi");
     eprintln!("codex over HTTP: rc {rc}, stdout {out:?}");
     assert_eq!(rc, 0, "codex exec over HTTP failed:\n{err}");
     assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
@@ -144,7 +144,7 @@ fn the_codex_cli_answers_over_http_and_websocket() {
     // Over the WebSocket mode: the prewarm (`generate: false`) prefills the instructions and
     // tools, and the turn continues on that cache with only its new input.
     let before = http("GET", &s.url("/metrics"), "");
-    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, true, None, "say hi");
+    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, true, Keys::default(), "say hi");
     eprintln!("codex over WebSocket: rc {rc}, stdout {out:?}");
     assert_eq!(rc, 0, "codex exec over WebSocket failed:\n{err}");
     assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
@@ -155,7 +155,7 @@ fn the_codex_cli_answers_over_http_and_websocket() {
     assert!(counter(&after, cached) > counter(&before, cached) + 1000, "the turn continued on the prewarmed cache:\n{after}");
     // A request past the context: Codex shows OpenAI's context_length_exceeded as such.
     let long = "Summarize this text. ".to_string() + &"the quick brown fox jumps over the lazy dog ".repeat(1200);
-    let (rc, _, err) = codex_exec(&bin, &home, &s.addr, false, None, &long);
+    let (rc, _, err) = codex_exec(&bin, &home, &s.addr, false, Keys::default(), &long);
     assert_ne!(rc, 0);
     assert!(err.contains("context window"), "Codex shows the context error:\n{err}");
     assert!(!http("GET", &s.url("/metrics"), "").contains("reason=\"internal\""));

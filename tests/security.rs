@@ -8,7 +8,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::codex::{codex, codex_exec};
+use common::codex::{codex, codex_exec, Keys};
 use common::server::{body, counter, handshake, http_with, status, unsafe_kill, Server};
 use common::{python_with, tiny_model};
 use flint::quant::GgmlType;
@@ -306,13 +306,19 @@ fn the_openai_sdk_and_the_codex_cli_with_and_without_the_key() {
         return;
     }
     let home = common::temp_dir("codex-keys");
-    let (rc, out, err) = codex_exec(&bin, &home, &s.addr, false, Some((KEY, KEY)), "say hi");
-    assert_eq!(rc, 0, "codex with the key:\n{err}");
-    assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
-    let (rc, _, err) = codex_exec(&bin, &home, &s.addr, false, Some(("sk-wrong-key-0000", KEY)), "say hi");
-    eprintln!("codex with a wrong key: rc {rc}\n{err}");
-    assert_ne!(rc, 0, "codex with a wrong key fails");
-    assert!(err.contains("401") || err.contains("Unauthorized"), "Codex shows the 401:\n{err}");
+    for websockets in [false, true] {
+        let (rc, out, err) = codex_exec(&bin, &home, &s.addr, websockets, Keys { server: Some(KEY), sent: Some(KEY) }, "say hi");
+        assert_eq!(rc, 0, "codex with the key (WebSocket mode: {websockets}):\n{err}");
+        assert!(!out.trim().is_empty(), "codex printed no answer:\n{err}");
+    }
+    let m = common::server::http_with("GET", &s.url("/metrics"), &[("Authorization", &bearer(KEY))], "");
+    assert!(counter(&m, "flint_sessions_opened_total{protocol=\"responses\"}") >= 1, "Codex used the WebSocket mode with its key:\n{m}");
+    for (what, sent) in [("a wrong key", Some("sk-wrong-key-0000")), ("no key", None)] {
+        let (rc, _, err) = codex_exec(&bin, &home, &s.addr, false, Keys { server: Some(KEY), sent }, "say hi");
+        eprintln!("codex with {what}: rc {rc}\n{err}");
+        assert_ne!(rc, 0, "codex with {what} fails");
+        assert!(err.contains("401 Unauthorized"), "Codex shows the 401 for {what}:\n{err}");
+    }
 }
 
 #[test]

@@ -246,7 +246,7 @@ fn a_disconnected_http_client_cancels_its_generation() {
     let s = Server::tiny(&[]);
     let body = json!({"prompt": "forever", "max_tokens": 100000, "stream": true}).to_string();
     let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
-    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", s.addr, body.len()).unwrap();
     let mut buf = [0u8; 4096];
     let n = c.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));

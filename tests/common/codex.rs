@@ -19,18 +19,24 @@ pub fn codex(test: &str) -> Option<PathBuf> {
     None
 }
 
-/// `codex exec PROMPT` with a config pointing at `addr`; (exit code, stdout, stderr). With
-/// `key` = (the key Codex sends, the server's key), the catalog is read with the server's
-/// key and Codex sends its own through the provider's `env_key`.
-pub fn codex_exec(bin: &Path, home: &Path, addr: &str, websockets: bool, key: Option<(&str, &str)>, prompt: &str) -> (i32, String, String) {
+/// The API keys of a `codex exec`: the server's (to read the model catalog with), and the one
+/// Codex sends through its provider's `env_key` (None: no key configured).
+#[derive(Clone, Copy, Default)]
+pub struct Keys<'a> {
+    pub server: Option<&'a str>,
+    pub sent: Option<&'a str>,
+}
+
+/// `codex exec PROMPT` with a config pointing at `addr`; (exit code, stdout, stderr).
+pub fn codex_exec(bin: &Path, home: &Path, addr: &str, websockets: bool, keys: Keys, prompt: &str) -> (i32, String, String) {
     let models = home.join("models.json");
-    let auth = key.map(|(_, good)| format!("Bearer {good}"));
+    let auth = keys.server.map(|k| format!("Bearer {k}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
     let r = http_with("GET", &format!("http://{addr}/v1/models"), &headers, "");
     std::fs::write(&models, r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     let catalog: Value = serde_json::from_slice(&std::fs::read(&models).unwrap()).unwrap();
     let model = catalog["models"][0]["slug"].as_str().unwrap().to_string();
-    let env_key = if key.is_some() { "env_key = \"FLINT_CODEX_TEST_KEY\"\n" } else { "" };
+    let env_key = if keys.sent.is_some() { "env_key = \"FLINT_CODEX_TEST_KEY\"\n" } else { "" };
     let config = format!(
         "model = {model:?}\nmodel_provider = \"flint\"\nmodel_catalog_json = {:?}\n\n[model_providers.flint]\nname = \"Flint\"\n\
          base_url = \"http://{addr}/v1\"\nwire_api = \"responses\"\nrequest_max_retries = 0\nstream_max_retries = 0\nsupports_websockets = {websockets}\n{env_key}",
@@ -39,8 +45,8 @@ pub fn codex_exec(bin: &Path, home: &Path, addr: &str, websockets: bool, key: Op
     std::fs::write(home.join("config.toml"), config).unwrap();
     let mut cmd = Command::new(bin);
     cmd.args(["exec", "--skip-git-repo-check", prompt]).env("CODEX_HOME", home).current_dir(home).stdin(std::process::Stdio::null());
-    if let Some((sent, _)) = key {
-        cmd.env("FLINT_CODEX_TEST_KEY", sent);
+    if let Some(k) = keys.sent {
+        cmd.env("FLINT_CODEX_TEST_KEY", k);
     }
     let out = cmd.output().expect("run codex");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
