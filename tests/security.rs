@@ -323,10 +323,7 @@ fn the_openai_sdk_and_the_codex_cli_with_and_without_the_key() {
 
 #[test]
 fn a_browser_page_elsewhere_gets_nothing_and_the_own_page_takes_the_key() {
-    let have = std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new("/usr/bin/chromedriver").exists();
-    if !have || !python_with("browser_security", &["selenium"]) {
-        assert!(std::env::var_os("FLINT_REQUIRE_BROWSER").is_none(), "browser_security: chromium, chromedriver and selenium are required (FLINT_REQUIRE_BROWSER)");
-        eprintln!("SKIPPED browser_security: needs /usr/bin/chromium, /usr/bin/chromedriver and python selenium");
+    if !common::browser("browser_security") {
         return;
     }
     let open = Server::tiny(&[]);

@@ -326,10 +326,7 @@ fn python_clients() {
 
 #[test]
 fn browser_page() {
-    let have = std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new("/usr/bin/chromedriver").exists();
-    if !have || !python_with("browser_page", &["selenium"]) {
-        assert!(std::env::var_os("FLINT_REQUIRE_BROWSER").is_none(), "browser_page: chromium, chromedriver and selenium are required (FLINT_REQUIRE_BROWSER)");
-        eprintln!("SKIPPED browser_page: needs /usr/bin/chromium, /usr/bin/chromedriver and python selenium");
+    if !common::browser("browser_page") {
         return;
     }
     // The real model streams at a human-visible pace, so Stop and redirect land mid-answer.

@@ -61,6 +61,18 @@ pub fn python_with(test: &str, modules: &[&str]) -> bool {
     ok
 }
 
+/// Whether headless Chromium, its driver and selenium can run (tests/server/chrome.py); skips
+/// (prints it) or, under FLINT_REQUIRE_BROWSER, fails.
+pub fn browser(test: &str) -> bool {
+    let have = std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new("/usr/bin/chromedriver").exists();
+    if !have || !python_with(test, &["selenium"]) {
+        assert!(std::env::var_os("FLINT_REQUIRE_BROWSER").is_none(), "{test}: chromium, chromedriver and selenium are required (FLINT_REQUIRE_BROWSER)");
+        eprintln!("SKIPPED {test}: needs /usr/bin/chromium, /usr/bin/chromedriver and python selenium");
+        return false;
+    }
+    true
+}
+
 /// |a - b| <= atol + rtol * |b| for every element; reports the worst element.
 pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");

@@ -4,33 +4,18 @@ answer, redirect one by sending while it streams. Usage: browser.py BASE_URL."""
 
 import sys
 import tempfile
-import time
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-BASE = sys.argv[1].rstrip("/")
+import chrome
 
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for a in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-          "--disable-dev-shm-usage", f"--user-data-dir={tempfile.mkdtemp()}"]:
-    opts.add_argument(a)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+BASE = sys.argv[1].rstrip("/")
+driver = chrome.start()
 
 
 def wait(cond, what, timeout=30):
-    t = time.time()
-    while time.time() - t < timeout:
-        v = cond()
-        if v:
-            print("ok:", what)
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out: {what}\n{driver.find_element(By.ID, 'log').text}")
+    return chrome.wait(cond, what, timeout, lambda: driver.find_element(By.ID, "log").text)
 
 
 def answers():

@@ -18,15 +18,14 @@ Usage: security_browser.py OPEN_URL KEYED_URL KEY CONTROL_URL."""
 import http.server
 import json
 import sys
-import tempfile
 import threading
-import time
 import urllib.request
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+
+import chrome
+from chrome import wait
 
 OPEN, KEYED, KEY, CONTROL = sys.argv[1].rstrip("/"), sys.argv[2].rstrip("/"), sys.argv[3], sys.argv[4].rstrip("/")
 PORT = OPEN.split("//")[1].split(":")[1]
@@ -83,25 +82,7 @@ evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
 threading.Thread(target=evil.serve_forever, daemon=True).start()
 EVIL_URL = f"http://127.0.0.1:{evil.server_address[1]}/?target="
 
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for a in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-          "--disable-dev-shm-usage", "--host-resolver-rules=MAP rebind.test 127.0.0.1",
-          f"--user-data-dir={tempfile.mkdtemp()}"]:
-    opts.add_argument(a)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-
-
-def wait(cond, what, timeout=30):
-    t = time.time()
-    while time.time() - t < timeout:
-        v = cond()
-        if v:
-            print("ok:", what)
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out: {what}")
+driver = chrome.start("--host-resolver-rules=MAP rebind.test 127.0.0.1")
 
 
 def check(cond, what):
