@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod bench;
 pub mod client;
+pub mod edit;
 pub mod generate;
 pub mod gguf;
 pub mod hdl;

@@ -9,11 +9,14 @@ use std::path::{Path, PathBuf};
 
 #[path = "cli/chat.rs"]
 mod chat;
+#[path = "cli/edit.rs"]
+mod edit;
 #[path = "cli/generate.rs"]
 mod generate;
 #[path = "cli/serve.rs"]
 mod serve;
 use chat::chat;
+use edit::{edit, EditArgs};
 use generate::{generate, report_timings, stream, GenerateArgs};
 use serve::{serve, ServeArgs};
 
@@ -37,6 +40,9 @@ enum Cmd {
     },
     /// Generate text for one prompt, streamed to stdout.
     Generate(GenerateArgs),
+    /// Rewrite a file (or a line range) following an instruction, the original as the
+    /// prediction for speculative decoding; prints the diff, or applies it with --write.
+    Edit(EditArgs),
     /// Interactive chat with history; Ctrl-C stops the answer, Ctrl-D quits.
     Chat {
         #[command(flatten)]
@@ -261,6 +267,7 @@ fn run(cmd: Cmd) -> Result<()> {
             out(&format!("{}\n", path.display()));
         }
         Cmd::Generate(a) => generate(a)?,
+        Cmd::Edit(a) => edit(a)?,
         Cmd::Chat { model, sampling, system, max_tokens, connect: Some(url), api_key } => {
             let mut d = serde_json::json!({
                 "max_tokens": max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,

@@ -6,6 +6,7 @@
 use super::guard::Caller;
 use super::scheduler::{Control, Event, Events, Slot};
 use super::{ApiError, GenParams, State};
+use crate::edit::Edit;
 use crate::generate::Outcome;
 use crate::tokenizer::Message;
 use axum::extract::ws::{CloseFrame, Message as Ws, WebSocket, WebSocketUpgrade};
@@ -55,10 +56,24 @@ struct Turn {
     prompt: Option<String>,
     /// The expected output (e.g. the file being edited), for speculative decoding.
     prediction: Option<String>,
+    /// A code edit (`crate::edit`): the server builds the prompt, the prediction and the
+    /// stop; `done` carries the rewritten code as `edit.text`.
+    edit: Option<EditTurn>,
     /// Echoed on this turn's `done`.
     id: Option<Value>,
     #[serde(flatten)]
     params: GenParams,
+    /// Set for a `redirect`: an edit then continues the conversation it redirects.
+    #[serde(skip)]
+    redirect: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct EditTurn {
+    code: String,
+    instruction: String,
+    language: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +90,7 @@ struct Running {
     control: Control,
     id: Option<Value>,
     chat: bool,
+    edit: Option<Edit>,
 }
 
 /// Where the conversation's turn is. A turn leaves `Running` or `Redirecting` only on its
@@ -255,7 +271,8 @@ impl Conn {
                 Ok(Vec::new())
             }
             "redirect" => {
-                let t: Turn = parse(&kind, v)?;
+                let mut t: Turn = parse(&kind, v)?;
+                t.redirect = true;
                 if t.prompt.is_some() {
                     return Err(ApiError::invalid("redirect continues the conversation: send content or messages"));
                 }
@@ -289,7 +306,10 @@ impl Conn {
     }
 
     /// Tokenize a turn against the conversation and hand it to the engine.
-    fn start(&mut self, t: Turn) -> Result<Running, ApiError> {
+    fn start(&mut self, mut t: Turn) -> Result<Running, ApiError> {
+        if let Some(e) = t.edit.take() {
+            return self.start_edit(t, e);
+        }
         let tk = &self.state.tokenizer;
         let bad = |e: anyhow::Error| ApiError::invalid(e.to_string());
         let (prompt, chat) = match (t.prompt, t.messages, t.content) {
@@ -319,9 +339,39 @@ impl Conn {
             _ => return Err(ApiError::invalid("send either prompt or content/messages, not both")),
         };
         let req = self.state.request(prompt, &t.params.over(&self.defaults), t.prediction.as_deref())?;
+        self.submit(req, t.id, chat, None)
+    }
+
+    /// An edit: a fresh conversation for `generate`; for `redirect`, the new instruction
+    /// after the redirected answer (which stays in context).
+    fn start_edit(&mut self, t: Turn, e: EditTurn) -> Result<Running, ApiError> {
+        if t.prompt.is_some() || t.messages.is_some() || t.content.is_some() || t.prediction.is_some() {
+            return Err(ApiError::invalid("an edit turn brings its code and instruction in `edit` alone"));
+        }
+        let tk = &self.state.tokenizer;
+        let bad = |e: anyhow::Error| ApiError::invalid(e.to_string());
+        let e = Edit { code: e.code, instruction: e.instruction, language: e.language };
+        let prompt = if t.redirect && self.chat && !self.context.is_empty() {
+            let mut p = self.context.clone();
+            p.extend(e.continuation(tk).map_err(bad)?);
+            p
+        } else {
+            e.prompt(tk).map_err(bad)?
+        };
+        let mut params = t.params.over(&self.defaults);
+        if params.max_tokens.is_none() {
+            params.max_tokens = Some(e.default_max_tokens(tk).map_err(bad)?);
+        }
+        let prediction = e.prediction();
+        let mut req = self.state.request(prompt, &params, Some(&prediction))?;
+        req.stop.push(crate::edit::FENCE.to_string());
+        self.submit(req, t.id, true, Some(e))
+    }
+
+    fn submit(&mut self, req: crate::generate::Request, id: Option<Value>, chat: bool, edit: Option<Edit>) -> Result<Running, ApiError> {
         let hold = self.who.turn(&self.state.metrics)?;
         let ticket = self.state.scheduler.submit_held(Slot::Conv(self.id), req, hold)?;
-        Ok(Running { events: ticket.events, control: ticket.control, id: t.id, chat })
+        Ok(Running { events: ticket.events, control: ticket.control, id, chat, edit })
     }
 
     fn on_event(&mut self, ev: Event) -> Vec<Value> {
@@ -350,7 +400,11 @@ impl Conn {
                 // Redirected whether the stop cut the answer short or crossed its natural
                 // end: either way the redirected turn follows.
                 let reason = if next.is_some() { "redirected" } else { o.finish_reason.as_str() };
-                done(&o, r.id, reason)
+                let mut d = done(&o, r.id, reason);
+                if let Some(e) = &r.edit {
+                    d["edit"] = json!({"text": e.result(&o.text)});
+                }
+                d
             }
         }];
         if let Some(t) = next {
