@@ -5,12 +5,16 @@
 //!
 //!     cargo bench --bench edit            (FLINT_MODEL, else the model `flint pull` fetched)
 //!
-//! For each task and mode: tokens, forward passes per token, accepted/drafted, decode tok/s
-//! (after the prompt's prefill; median of ROUNDS rounds in which the modes alternate), and the
-//! speed-up over plain decoding measured in the same run. Every mode's output is checked to
-//! equal plain decoding's. SmolLM2-135M rarely reproduces a file it is asked to edit (it
-//! tends to explain instead), so the "copy" task shows prediction on output that matches.
+//! Each task runs in two prompt formats: `chat` (the file in a user message; the model tends to
+//! explain instead of rewriting) and `edit` (`flint::edit`, what `flint edit`, the server's
+//! edit turns and the VS Code extension send: the assistant turn opened with the code fence,
+//! the closing fence as the stop string, the original code and fence as the prediction).
+//! For each task, format and mode: tokens, forward passes per token, accepted/drafted, decode
+//! tok/s (after the prompt's prefill; median of ROUNDS rounds in which the modes alternate), and
+//! the speed-up over plain decoding measured in the same run. Every mode's output is checked
+//! to equal plain decoding's.
 
+use flint::edit::Edit;
 use flint::generate::{Engine, Outcome, Request};
 use flint::sampler::SamplerConfig;
 use flint::speculative::SpecConfig;
@@ -35,10 +39,11 @@ const TASKS: &[Task] = &[
     Task { name: "no match", file: "", ask: "Write a short story about a dragon who learns to cook." },
 ];
 
-fn timed(e: &mut Engine, prompt: &[u32], spec: Option<SpecConfig>) -> (Outcome, f64) {
+fn timed(e: &mut Engine, prompt: &[u32], stop: &[String], spec: Option<SpecConfig>) -> (Outcome, f64) {
     e.reset();
     let mut r = Request::new(prompt.to_vec(), MAX_TOKENS, SamplerConfig::greedy());
     r.speculative = spec;
+    r.stop = stop.to_vec();
     let t = Instant::now();
     let o = e.generate(r, None).unwrap().finish().unwrap();
     // Decode time: everything after the prompt's prefill.
@@ -61,19 +66,29 @@ fn main() {
     };
     let mut e = l.engine(backend, 4096).unwrap();
     println!("edit workload on {} ({}), greedy, up to {MAX_TOKENS} tokens", path.display(), e.fwd.backend_name());
-    println!("| task           | mode       | tokens | passes/token | accepted/drafted | tok/s  | speed-up |");
-    for task in TASKS {
-        let content = if task.file.is_empty() { task.ask.to_string() } else { format!("{}\n\n```\n{}```", task.ask, task.file) };
-        let prompt = l.tokenizer.chat_tokens(&[Message::new("user", &content)]).unwrap();
-        let pred = l.tokenizer.encode(task.file, false).unwrap();
+    println!("| task           | format | mode       | tokens | passes/token | accepted/drafted | tok/s  | speed-up |");
+    let formats: &[&str] = if std::env::var_os("FLINT_EDIT_FORMAT_ONLY").is_some() { &["edit"] } else { &["chat", "edit"] };
+    for (task, format) in TASKS.iter().flat_map(|t| formats.iter().map(move |f| (t, *f))) {
+        if task.file.is_empty() && format == "edit" {
+            continue;
+        }
+        let (prompt, pred, stop) = if format == "edit" {
+            let e = Edit { code: task.file.into(), instruction: task.ask.replace(" Output the complete updated file.", ""), language: if task.name.contains("(rs)") { "rust" } else { "python" }.into() };
+            let r = e.request(&l.tokenizer, e.prompt(&l.tokenizer).unwrap(), MAX_TOKENS, SamplerConfig::greedy()).unwrap();
+            (r.prompt, r.speculative, r.stop)
+        } else {
+            let content = if task.file.is_empty() { task.ask.to_string() } else { format!("{}\n\n```\n{}```", task.ask, task.file) };
+            let prompt = l.tokenizer.chat_tokens(&[Message::new("user", &content)]).unwrap();
+            (prompt, Some(SpecConfig::prediction(l.tokenizer.encode(task.file, false).unwrap())), Vec::new())
+        };
         let mut modes = vec![("plain", None), ("ngram", Some(SpecConfig::ngram()))];
         if !task.file.is_empty() {
-            modes.push(("prediction", Some(SpecConfig::prediction(pred))));
+            modes.push(("prediction", pred));
         }
         let mut runs: Vec<(Option<Outcome>, Vec<f64>)> = modes.iter().map(|_| (None, Vec::new())).collect();
         for _ in 0..ROUNDS {
             for (i, (_, spec)) in modes.iter().enumerate() {
-                let (o, secs) = timed(&mut e, &prompt, spec.clone());
+                let (o, secs) = timed(&mut e, &prompt, &stop, spec.clone());
                 runs[i].1.push(o.tokens.len() as f64 / secs);
                 runs[i].0 = Some(o);
             }
@@ -90,7 +105,7 @@ fn main() {
             let t = &o.timings;
             let rate = median(rates);
             println!(
-                "| {:<14} | {:<10} | {:>6} | {:>12.3} | {:>16} | {:>6.1} | {:>7.2}x |",
+                "| {:<14} | {format:<6} | {:<10} | {:>6} | {:>12.3} | {:>16} | {:>6.1} | {:>7.2}x |",
                 task.name, mode, o.tokens.len(), t.forward_passes as f64 / o.tokens.len() as f64,
                 format!("{}/{}", t.accepted, t.drafted), rate, rate / plain_rate
             );

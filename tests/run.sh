@@ -80,3 +80,16 @@ FLINT_CUDA_SIM=1 FLINT_REQUIRE_CUDA=1 FLINT_CUDA_SIM_SEED=1 FLINT_CUDA_SIM_RACEC
 echo "== HDL benches (Verilator and Icarus, bit-exact against the golden model) and synthesis"
 make -C hdl test MODEL="$model" FLINT="$PWD/target/release/flint"
 make -C hdl synth
+
+echo "== the VS Code extension (editors/vscode/): type-checked, packaged, its node tests against a real flint serve"
+# Node 24 (PyPI) and code-server 4.139.1 for the editor tests, cached in ~/.cache/flint/.
+code_server=$(bash editors/vscode/test/setup.sh | tail -n 1)
+export PATH="$HOME/.cache/flint/node24-shim:$PATH"
+node --version
+# npm ci: node_modules stays out of the tree and out of the .vsix.
+(cd editors/vscode && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check && npm run --silent package)
+FLINT_BIN="$PWD/target/release/flint" FLINT_REQUIRE_VSCODE=1 node --test editors/vscode/test/
+
+echo "== the extension in a real VS Code (code-server) driven by headless Chromium"
+shots=$(mktemp -d)
+python3 editors/vscode/test/e2e.py "$code_server" editors/vscode/flint.vsix "$PWD/target/release/flint" "$model" "$shots"
