@@ -137,6 +137,7 @@ pub fn split_lines(text: &str, start: usize, end: usize) -> Result<(&str, &str, 
 
 /// A unified diff of `old` and `new` (empty when they are equal).
 pub fn diff(name: &str, old: &str, new: &str) -> String {
+    let name = name.trim_start_matches('/');
     similar::TextDiff::from_lines(old, new).unified_diff().context_radius(3).header(&format!("a/{name}"), &format!("b/{name}")).to_string()
 }
 
