@@ -78,7 +78,7 @@ export PATH="$HOME/.cache/flint/node24-shim:$PATH"
 node --version
 # npm ci: node_modules stays out of the tree and out of the .vsix.
 (cd editors/vscode && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check && npm run --silent package)
-FLINT_BIN="$PWD/target/release/flint" FLINT_REQUIRE_VSCODE=1 node --test editors/vscode/test/
+FLINT_BIN="$PWD/target/release/flint" FLINT_REQUIRE_VSCODE=1 node --test editors/vscode/test/*.test.mjs
 
 echo "== the extension in a real VS Code (code-server) driven by headless Chromium"
 shots=$(mktemp -d)
