@@ -10,9 +10,12 @@
 //! keep-alive connection (the checks and nothing else), of a WebSocket handshake, and the
 //! time to first token of a one-token chat completion.
 
+#[path = "common.rs"]
+mod common;
+
 use flint::server::guard::{keys::Limits, Settings};
 use flint::server::{App, Options};
-use flint::{BackendKind, Loaded};
+use flint::BackendKind;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Instant;
@@ -102,22 +105,7 @@ fn alternate(targets: &[Target], n: usize, req: impl Fn(&Target) -> String) -> [
 }
 
 fn main() {
-    let path = if std::env::var_os("FLINT_BENCH_TINY").is_some() {
-        let p = std::env::temp_dir().join("flint-bench-security-tiny.gguf");
-        let mut s = flint::synth::Spec::preset("tiny").unwrap();
-        s.n_ctx = 2048;
-        s.write(&p).unwrap();
-        p
-    } else {
-        std::env::var_os("FLINT_MODEL").map(std::path::PathBuf::from).unwrap_or_else(flint::pull::default_model_path)
-    };
-    let l = match Loaded::open(&path) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("SKIPPED security benchmark: {e:#} (run `flint pull`, set FLINT_MODEL or FLINT_BENCH_TINY=1)");
-            return;
-        }
-    };
+    let Some((path, l)) = common::model("security") else { return };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let keys: Vec<String> = (0..64).map(|i| format!("sk-bench-{i:04}-{}", "x".repeat(32))).collect();

@@ -10,10 +10,13 @@
 //! - load: N sessions generating at once: aggregate tok/s, per-session tok/s and the
 //!   p50/p99 interval between a session's tokens.
 
+#[path = "common.rs"]
+mod common;
+
 use flint::generate::{Engine, Request};
 use flint::sampler::SamplerConfig;
 use flint::server::{App, Options};
-use flint::{BackendKind, Loaded};
+use flint::BackendKind;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -116,22 +119,7 @@ async fn turn(ws: &mut Ws, max_tokens: usize, cancel_after: Option<usize>) -> (T
 }
 
 fn main() {
-    let path = if std::env::var_os("FLINT_BENCH_TINY").is_some() {
-        let p = std::env::temp_dir().join("flint-bench-server-tiny.gguf");
-        let mut s = flint::synth::Spec::preset("tiny").unwrap();
-        s.n_ctx = 2048;
-        s.write(&p).unwrap();
-        p
-    } else {
-        std::env::var_os("FLINT_MODEL").map(std::path::PathBuf::from).unwrap_or_else(flint::pull::default_model_path)
-    };
-    let l = match Loaded::open(&path) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("SKIPPED server benchmark: {e:#} (run `flint pull`, set FLINT_MODEL or FLINT_BENCH_TINY=1)");
-            return;
-        }
-    };
+    let Some((path, l)) = common::model("server") else { return };
     let base = l.engine(BackendKind::Cpu, 0).unwrap();
     let mut local = base.fork().unwrap();
     let prompt = l.tokenizer.encode(PROMPT, false).unwrap();
