@@ -270,7 +270,7 @@ impl App {
     /// on bad security settings (an unreadable key file, a malformed `--allow-origin`).
     pub fn new(engine: Engine, model_id: String, opts: Options, shutdown: watch::Receiver<bool>) -> Result<App> {
         let metrics = Arc::new(Metrics::new());
-        let guard = guard::Guard::new(opts.security.clone(), metrics.clone())?;
+        let guard = guard::Guard::new(opts.security.clone())?;
         let limits = Limits { parallel: opts.parallel.max(1), max_queue: opts.max_queue, prefill_chunk: opts.prefill_chunk.max(1) };
         let (n_ctx, tokenizer) = (engine.fwd.config().n_ctx, engine.tokenizer.clone());
         let (scheduler, engine_thread) = Scheduler::start(engine, limits, metrics.clone());

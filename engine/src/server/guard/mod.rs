@@ -78,17 +78,25 @@ pub type Hold = Option<OwnedSemaphorePermit>;
 impl Caller {
     /// A place for one generation (an HTTP request's; its rate was counted on arrival).
     pub(crate) fn lease(&self, m: &Metrics) -> Result<Hold, ApiError> {
-        self.0.lease().map_err(|o| over(o, m))
+        self.0.lease().map_err(|o| counted(o, m))
     }
 
     /// A WebSocket turn: one request against the key's rate, and a place for its generation.
     pub(crate) fn turn(&self, m: &Metrics) -> Result<Hold, ApiError> {
-        self.0.request().map_err(|o| over(o, m))?;
+        self.0.request().map_err(|o| counted(o, m))?;
         self.lease(m)
     }
 }
 
-fn over(o: Over, m: &Metrics) -> ApiError {
+/// An identity's refusal as an API error, counted in `flint_refused_total`.
+fn counted(o: Over, m: &Metrics) -> ApiError {
+    let (why, e) = over(o);
+    m.refused.get_or_create(&Refusal { reason: why }).inc();
+    e
+}
+
+/// An identity's refusal: its metrics reason and its API error.
+fn over(o: Over) -> (&'static str, ApiError) {
     let (why, e) = match o {
         Over::Rate(wait) => {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
@@ -101,8 +109,7 @@ fn over(o: Over, m: &Metrics) -> ApiError {
         }
         Over::Revoked => ("unauthorized", ApiError::new("invalid_api_key", "this API key has been removed from the server's key file")),
     };
-    m.refused.get_or_create(&Refusal { reason: why }).inc();
-    e
+    (why, e)
 }
 
 pub struct Guard {
@@ -114,11 +121,10 @@ pub struct Guard {
     hosts: Vec<String>,
     /// Bound to a loopback address: the `Host` check applies (or with `--allow-host`).
     loopback: AtomicBool,
-    metrics: Arc<Metrics>,
 }
 
 impl Guard {
-    pub fn new(s: Settings, metrics: Arc<Metrics>) -> Result<Guard> {
+    pub fn new(s: Settings) -> Result<Guard> {
         let list = keys::gather(&s.api_keys, s.api_key_file.as_deref())?;
         if let (Some(f), true) = (&s.api_key_file, list.is_empty()) {
             bail!("the key file {} has no key", f.display());
@@ -141,7 +147,6 @@ impl Guard {
             origins,
             hosts,
             s,
-            metrics,
         })
     }
 
@@ -233,8 +238,8 @@ impl Guard {
             return Err(Refused::new(415, "unsupported_media_type", "unsupported_media_type", msg));
         }
         id.request().map_err(|o| {
-            let e = over(o, &self.metrics);
-            Refused { status: super::openai::status_of(e.code), why: Refusal { reason: "" }, error: e, headers: Vec::new() }
+            let (why, e) = over(o);
+            Refused { status: super::openai::status_of(e.code), why: Refusal { reason: why }, error: e, headers: Vec::new() }
         })?;
         Ok(Some(Caller(id)))
     }
@@ -293,9 +298,7 @@ pub(crate) async fn check(AxState(s): AxState<Arc<super::State>>, mut req: Reque
             next.run(req).await
         }
         Err(r) => {
-            if !r.why.reason.is_empty() {
-                s.metrics.refused.get_or_create(&r.why).inc();
-            }
+            s.metrics.refused.get_or_create(&r.why).inc();
             let mut resp = error_response(r.status, r.error);
             for (k, v) in r.headers {
                 if let Ok(v) = HeaderValue::from_str(&v) {
