@@ -60,6 +60,9 @@ async fn run(url: &str, defaults: Value, key: Option<&str>) -> Result<()> {
     let mut stdin_open = true;
     let mut resetting = false;
     let mut out = std::io::stdout();
+    // One listener for the whole session: a `ctrl_c()` made afresh each turn of the loop
+    // misses a Ctrl-C that lands while a delta is being written (seen in CI).
+    let mut interrupts = interrupts()?;
     loop {
         tokio::select! {
             line = lines.next_line(), if stdin_open => {
@@ -137,7 +140,7 @@ async fn run(url: &str, defaults: Value, key: Option<&str>) -> Result<()> {
                     _ => {}
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupts.recv() => {
                 if !generating {
                     eprintln!();
                     break;
@@ -148,4 +151,21 @@ async fn run(url: &str, defaults: Value, key: Option<&str>) -> Result<()> {
     }
     let _ = tx.send(Message::Close(None)).await;
     Ok(())
+}
+
+/// Ctrl-C as a stream that keeps the presses made while nobody was waiting for one.
+fn interrupts() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    #[cfg(unix)]
+    {
+        let mut sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("cannot install the Ctrl-C handler")?;
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() && tx.send(()).is_ok() {}
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() && tx.send(()).is_ok() {}
+    });
+    Ok(rx)
 }
