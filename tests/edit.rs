@@ -120,3 +120,55 @@ async fn the_real_model_rewrites_with_fewer_passes_and_the_server_agrees() {
     ws.send(json!({"type": "generate", "edit": {"code": CODE, "instruction": "x"}, "content": "both"})).await;
     assert_eq!(ws.recv().await["code"], "invalid_request", "an edit turn brings nothing else");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_leaves_only_the_instruction_to_prefill() {
+    // A longer file, so the prefix is worth something (the tiny model has a token a byte
+    // and a context of 2048).
+    let code = CODE.repeat(4);
+    let s = Server::tiny(&["--max-tokens", "64"]);
+    let edit = |ask: &str| json!({"type": "generate", "edit": {"code": code, "instruction": ask, "language": "python"}, "max_tokens": 24});
+    let long = json!({"type": "generate", "edit": {"code": code, "instruction": "Add docstrings.", "language": "python"}, "max_tokens": 1200});
+    let mut ws = s.ws().await;
+    ws.send(json!({"type": "prefill", "edit": {"code": code, "language": "python"}, "id": 7})).await;
+    let p = ws.recv().await;
+    assert_eq!((p["type"].as_str(), p["complete"].as_bool(), &p["id"]), (Some("prefilled"), Some(true), &json!(7)), "{p}");
+    let prefix = p["prompt_tokens"].as_u64().unwrap();
+    assert!(prefix > 100, "the code is in the prefix: {p}");
+    ws.send(edit("Rename w to width.")).await;
+    let (_, done) = ws.until_end().await;
+    let u = &done["usage"];
+    // The engine keeps a prompt's last token for the step that follows it.
+    assert!(u["cached_tokens"].as_u64().unwrap() >= prefix - 1, "the edit reused the prefill: {done} after {p}");
+    assert!(u["prompt_tokens"].as_u64().unwrap() < prefix + 64, "only the instruction and the opening fence are new: {done}");
+    // The same edit on a session that did not prefill: the same answer.
+    let mut fresh = s.ws().await;
+    fresh.send(edit("Rename w to width.")).await;
+    let (_, cold) = fresh.until_end().await;
+    assert_eq!(cold["edit"]["text"], done["edit"]["text"]);
+    assert!(cold["usage"]["cached_tokens"].as_u64().unwrap() < prefix / 2, "{cold}");
+    // The user answers before the prefill ends: the edit takes its place at once.
+    ws.send(json!({"type": "prefill", "edit": {"code": code.repeat(3), "language": "python"}})).await;
+    ws.send(edit("Add type hints.")).await;
+    let p = ws.recv().await;
+    assert_eq!(p["type"], "prefilled", "{p}");
+    let (_, done) = ws.until_end().await;
+    assert!(done["edit"]["text"].is_string(), "{done}");
+    // A prefill while an answer streams is refused; so is one without code.
+    ws.send(long).await;
+    ws.send(json!({"type": "prefill", "edit": {"code": code}})).await;
+    let mut busy = false;
+    loop {
+        let m = ws.recv().await;
+        busy |= m["code"] == "busy";
+        if m["type"] == "done" {
+            break;
+        }
+    }
+    assert!(busy, "a prefill does not interrupt an answer");
+    ws.send(json!({"type": "prefill", "content": "hello"})).await;
+    assert_eq!(ws.recv().await["code"], "invalid_request");
+    ws.send(edit("Rename h to height.")).await;
+    let (_, done) = ws.until_end().await;
+    assert!(done["edit"]["text"].is_string(), "the session is still usable: {done}");
+}

@@ -38,11 +38,14 @@ fn with_newline(s: &str) -> String {
 
 impl Edit {
     /// The user's message: the instruction, then the code in a fence.
-    fn message(&self) -> String {
-        format!("{}\n\n{FENCE}{}\n{}{FENCE}", self.instruction.trim(), self.language, with_newline(&self.code))
+    /// The user message: the code first, then the instruction. Everything before the
+    /// instruction can be prefilled while the user still types it ([`Edit::prefix`]), and a
+    /// small model follows an instruction it read last (SmolLM2-135M answered a rename with
+    /// "example usage" when the instruction came first).
+    fn message(&self, instruction: &str) -> String {
+        format!("{FENCE}{}\n{}{FENCE}\n\n{}", self.language, with_newline(&self.code), instruction.trim())
     }
 
-    /// The assistant turn's opening, after the generation prompt.
     fn opening(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
         tok.encode(&format!("{FENCE}{}\n", self.language), false)
     }
@@ -52,15 +55,27 @@ impl Edit {
         if self.instruction.trim().is_empty() {
             bail!("an edit needs an instruction");
         }
-        let mut p = tok.chat_tokens(&[Message::new("system", SYSTEM), Message::new("user", &self.message())])?;
+        self.prompt_with(tok, &self.instruction)
+    }
+
+    fn prompt_with(&self, tok: &Tokenizer, instruction: &str) -> Result<Vec<u32>> {
+        let mut p = tok.chat_tokens(&[Message::new("system", SYSTEM), Message::new("user", &self.message(instruction))])?;
         p.extend(self.opening(tok)?);
         Ok(p)
     }
 
-    /// What follows a conversation's context (an earlier edit's prompt and its answer, whole
-    /// or cut short) to ask for this edit instead: a redirect keeps what was said.
+    /// The tokens every instruction's prompt starts with (the instruction is ignored): what
+    /// an editor prefills while the user types it, so the edit then prefills only the
+    /// instruction. Found as what two different instructions' prompts share, so it holds
+    /// whatever the tokenizer merges at the boundary.
+    pub fn prefix(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
+        let (a, b) = (self.prompt_with(tok, "A")?, self.prompt_with(tok, "0")?);
+        let n = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        Ok(a[..n].to_vec())
+    }
+
     pub fn continuation(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
-        let mut p = tok.chat_continue(&[Message::new("user", &self.message())])?;
+        let mut p = tok.chat_continue(&[Message::new("user", &self.message(&self.instruction))])?;
         p.extend(self.opening(tok)?);
         Ok(p)
     }

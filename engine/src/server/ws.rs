@@ -66,6 +66,9 @@ struct Turn {
     /// Set for a `redirect`: an edit then continues the conversation it redirects.
     #[serde(skip)]
     redirect: bool,
+    /// Set for a `prefill`: the edit's prompt up to its instruction, and no answer.
+    #[serde(skip)]
+    prefill: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +94,8 @@ struct Running {
     id: Option<Value>,
     chat: bool,
     edit: Option<Edit>,
+    /// A `prefill`: it ends with `prefilled`, and a `generate` may take its place.
+    prefill: bool,
 }
 
 /// Where the conversation's turn is. A turn leaves `Running` or `Redirecting` only on its
@@ -262,12 +267,22 @@ impl Conn {
                 self.defaults = defaults;
                 Ok(vec![json!({"type": "session.updated", "system": self.system, "context_tokens": self.context.len()})])
             }
-            "generate" => {
-                if !matches!(self.turn, TurnState::Idle) {
-                    return Err(ApiError::new("busy", "a generation is running: cancel or redirect it"));
-                }
-                let t: Turn = parse(&kind, v)?;
-                self.turn = TurnState::Running(self.start(t)?);
+            "generate" | "prefill" => {
+                let mut t: Turn = parse(&kind, v)?;
+                t.prefill = kind == "prefill";
+                self.turn = match std::mem::replace(&mut self.turn, TurnState::Idle) {
+                    TurnState::Idle => TurnState::Running(self.start(t)?),
+                    // A prefill gives way: it stops after the chunk in flight (what it
+                    // computed stays cached) and this turn follows.
+                    TurnState::Running(r) | TurnState::Redirecting(r, _) if r.prefill => {
+                        r.control.cancel();
+                        TurnState::Redirecting(r, t)
+                    }
+                    busy => {
+                        self.turn = busy;
+                        return Err(ApiError::new("busy", "a generation is running: cancel or redirect it"));
+                    }
+                };
                 Ok(Vec::new())
             }
             "redirect" => {
@@ -300,13 +315,16 @@ impl Conn {
             }
             other => Err(ApiError::new(
                 "unknown_type",
-                format!("unknown message type {other:?} (session.update, generate, cancel, redirect)"),
+                format!("unknown message type {other:?} (session.update, generate, prefill, cancel, redirect)"),
             )),
         }
     }
 
     /// Tokenize a turn against the conversation and hand it to the engine.
     fn start(&mut self, mut t: Turn) -> Result<Running, ApiError> {
+        if t.prefill {
+            return self.start_prefill(t);
+        }
         if let Some(e) = t.edit.take() {
             return self.start_edit(t, e);
         }
@@ -368,10 +386,30 @@ impl Conn {
         self.submit(req, t.id, true, Some(e))
     }
 
+    /// A prefill: the edit's prompt before its instruction runs into the conversation's KV
+    /// cache (a fresh conversation), so the edit that follows prefills only the instruction.
+    fn start_prefill(&mut self, t: Turn) -> Result<Running, ApiError> {
+        let Some(e) = t.edit else { return Err(ApiError::invalid("prefill: send the code to come in `edit: {code, language}`")) };
+        if t.prompt.is_some() || t.messages.is_some() || t.content.is_some() || t.prediction.is_some() {
+            return Err(ApiError::invalid("a prefill brings its code in `edit` alone"));
+        }
+        let e = Edit { code: e.code, instruction: String::new(), language: e.language };
+        let prefix = e.prefix(&self.state.tokenizer).map_err(|e| ApiError::invalid(e.to_string()))?;
+        // Checked like a turn's prompt, then run with no answer (the engine stops before
+        // the first token, keeping the prompt's last token for the turn that follows).
+        let mut req = self.state.request(prefix, &t.params.over(&self.defaults), None)?;
+        req.max_tokens = 0;
+        self.context.clear();
+        self.chat = false;
+        let mut r = self.submit(req, t.id, false, None)?;
+        r.prefill = true;
+        Ok(r)
+    }
+
     fn submit(&mut self, req: crate::generate::Request, id: Option<Value>, chat: bool, edit: Option<Edit>) -> Result<Running, ApiError> {
         let hold = self.who.turn(&self.state.metrics)?;
         let ticket = self.state.scheduler.submit_held(Slot::Conv(self.id), req, hold)?;
-        Ok(Running { events: ticket.events, control: ticket.control, id, chat, edit })
+        Ok(Running { events: ticket.events, control: ticket.control, id, chat, edit, prefill: false })
     }
 
     fn on_event(&mut self, ev: Event) -> Vec<Value> {
@@ -393,6 +431,13 @@ impl Conn {
                 v["turn_ended"] = json!(true);
                 v["id"] = r.id.unwrap_or(Value::Null);
                 v
+            }
+            Ok(o) if r.prefill => {
+                // The cache holds the prefix, not a conversation: the next turn starts one.
+                let done = o.finish_reason != crate::generate::FinishReason::Cancelled;
+                let t = &o.timings;
+                json!({"type": "prefilled", "id": r.id, "complete": done, "prompt_tokens": o.prompt_tokens.len(),
+                       "cached_tokens": t.cached_tokens, "prompt_ms": t.prompt_ms})
             }
             Ok(o) => {
                 self.context = o.prompt_tokens.iter().chain(&o.tokens).copied().collect();
