@@ -102,6 +102,7 @@ async function connect(): Promise<Session> {
         showStatus("$(debug-disconnect) Flint: disconnected", `${why ?? ""}; click to reconnect`);
       }
     };
+    s.onPrefilled = (m) => log.appendLine(`prefill: ${m.prompt_tokens} tokens (${m.cached_tokens} cached) in ${m.prompt_ms.toFixed(0)} ms${m.complete ? "" : ", cut short by the edit"}`);
     session = s;
     showStatus(`$(zap) Flint: ${s.model}${last ? " · " + last : ""}`, `connected to ${c.url} (${s.nCtx}-token context)`);
     return s;
@@ -225,6 +226,18 @@ class LiveEdit {
   }
 }
 
+/** The whole lines the selection touches (the cursor's line when nothing is selected). */
+function wholeLines(editor: vscode.TextEditor): vscode.Range {
+  const doc = editor.document;
+  let range: vscode.Range = editor.selection;
+  if (editor.selection.isEmpty) range = doc.lineAt(editor.selection.active.line).range;
+  // Whole lines: the model rewrites lines, not fragments of them.
+  const endLine = range.end.character === 0 && range.end.line > range.start.line ? range.end.line : range.end.line + 1;
+  range = new vscode.Range(range.start.line, 0, Math.min(endLine, doc.lineCount), 0);
+  if (endLine >= doc.lineCount) range = new vscode.Range(range.start, doc.lineAt(doc.lineCount - 1).range.end);
+  return range;
+}
+
 async function editSelection() {
   const editor = vscode.window.activeTextEditor;
   if (!editor) return;
@@ -235,6 +248,11 @@ async function editSelection() {
     return fail("cannot connect", e as Error);
   }
   const redirect = current?.state.phase === "streaming" && current.editor === editor;
+  const range = wholeLines(editor);
+  const language = fenceLanguage(editor.document.languageId);
+  // While the user types the instruction, the server prefills the code (the prompt puts it
+  // first), so the answer's first token waits only for the instruction's prefill.
+  if (!redirect && !current) s.prefill(editor.document.getText(range), language);
   const instruction = await vscode.window.showInputBox({
     title: redirect ? "Flint: redirect the edit" : "Flint: edit the selection",
     prompt: redirect ? "A new instruction; the rewrite so far stays in context" : "What should change?",
@@ -245,17 +263,7 @@ async function editSelection() {
   if (redirect && current?.state.phase === "streaming") return current.run(instruction, true);
   if (current) await current.reject();
   if (s.busy) s.cancel();
-  let range: vscode.Range = editor.selection;
-  if (editor.selection.isEmpty) {
-    const line = editor.document.lineAt(editor.selection.active.line);
-    range = line.range;
-  }
-  // Whole lines: the model rewrites lines, not fragments of them.
-  const doc = editor.document;
-  const endLine = range.end.character === 0 && range.end.line > range.start.line ? range.end.line : range.end.line + 1;
-  range = new vscode.Range(range.start.line, 0, Math.min(endLine, doc.lineCount), 0);
-  if (endLine >= doc.lineCount) range = new vscode.Range(range.start, doc.lineAt(doc.lineCount - 1).range.end);
-  current = new LiveEdit(editor, range, fenceLanguage(doc.languageId));
+  current = new LiveEdit(editor, range, language);
   current.run(instruction, false);
 }
 

@@ -42,6 +42,8 @@ export interface EditRequest {
   language: string;
 }
 
+const PREFILL = "flint.prefill";
+
 export type State = "connecting" | "connected" | "disconnected";
 
 export class Session {
@@ -50,6 +52,8 @@ export class Session {
   /** Turns whose final event has not come: the running one first, then redirects. */
   private turns: Handlers[] = [];
   private closed = false;
+  /** The last prefill's report (`prefilled`), for the log and the tests. */
+  onPrefilled: (m: { complete: boolean; prompt_tokens: number; cached_tokens: number; prompt_ms: number }) => void = () => {};
   onState: (s: State, detail?: string) => void = () => {};
 
   private constructor(private ws: WebSocket) {}
@@ -128,6 +132,15 @@ export class Session {
     else this.generate(body, h);
   }
 
+  /**
+   * Prefill the edit of `code` while the user types its instruction: the edit that follows
+   * then prefills only the instruction. Nothing to wait for; skipped while a turn runs.
+   */
+  prefill(code: string, language: string) {
+    if (this.busy || !this.open) return;
+    this.send({ type: "prefill", edit: { code, language }, id: PREFILL });
+  }
+
   cancel() {
     if (this.busy && this.open) this.send({ type: "cancel" });
   }
@@ -153,8 +166,13 @@ export class Session {
         if (m.finish_reason === "cancelled") this.turns.splice(0).forEach((t) => t.error?.({ code: "cancelled", message: "stopped" }));
         h?.done?.(m as Done);
         break;
+      case "prefilled":
+        this.onPrefilled(m);
+        break;
       case "error": {
         const e: ServerError = { code: m.code, message: m.message, retry_after: m.retry_after };
+        // A refused prefill is no turn's (it only saves time).
+        if (m.id === PREFILL) break;
         // An error that ended the running turn, or the refusal of the message just sent.
         const t = m.turn_ended ? this.turns.shift() : this.turns.pop();
         t?.error?.(e);

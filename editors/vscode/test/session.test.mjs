@@ -37,6 +37,20 @@ if (!server.available()) {
     s.close();
   });
 
+  test("a prefill while the instruction is typed leaves only the instruction to prefill", async () => {
+    const s = await Session.open(srv.url);
+    const prefilled = new Promise((resolve) => (s.onPrefilled = resolve));
+    s.prefill(CODE, "python");
+    const p = await prefilled;
+    assert.equal(p.complete, true);
+    assert.ok(p.prompt_tokens > 40, `the code is in the prefix: ${JSON.stringify(p)}`);
+    const { done } = await turn((h) => s.edit({ code: CODE, instruction: INSTRUCTION, language: "python" }, {}, h));
+    s.close();
+    // The engine keeps the prefix's last token for the step after it.
+    assert.ok(done.usage.cached_tokens >= p.prompt_tokens - 1, `reused: ${JSON.stringify(done.usage)} after ${JSON.stringify(p)}`);
+    assert.ok(done.timings.prompt_ms < p.prompt_ms, `the edit's prefill (${done.timings.prompt_ms} ms) is shorter than the code's (${p.prompt_ms} ms)`);
+  });
+
   test("an edit streams and its result equals flint edit --json's", async () => {
     const s = await Session.open(srv.url);
     const { deltas, done } = await turn((h) => s.edit({ code: CODE, instruction: INSTRUCTION, language: "python" }, {}, h));

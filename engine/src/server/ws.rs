@@ -230,14 +230,25 @@ impl Conn {
             let msg = format!("the message has {} bytes; the limit is {}", s.len(), self.state.opts.max_message);
             return vec![error(ApiError::new("too_large", msg))];
         }
-        match self.dispatch(s.as_str()) {
+        let v: Value = match serde_json::from_str(s.as_str()) {
+            Ok(v) => v,
+            Err(e) => return vec![error(ApiError::new("invalid_json", format!("not JSON: {e}")))],
+        };
+        // A refusal names the message it answers by that message's `id`, if it had one.
+        let id = v.get("id").cloned();
+        match self.dispatch(v) {
             Ok(out) => out,
-            Err(e) => vec![error(e)],
+            Err(e) => {
+                let mut v = error(e);
+                if let Some(id) = id {
+                    v["id"] = id;
+                }
+                vec![v]
+            }
         }
     }
 
-    fn dispatch(&mut self, s: &str) -> Result<Vec<Value>, ApiError> {
-        let v: Value = serde_json::from_str(s).map_err(|e| ApiError::new("invalid_json", format!("not JSON: {e}")))?;
+    fn dispatch(&mut self, v: Value) -> Result<Vec<Value>, ApiError> {
         let kind = v
             .as_object()
             .ok_or_else(|| ApiError::invalid("a message must be a JSON object"))?
