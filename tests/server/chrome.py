@@ -20,9 +20,13 @@ def start(*extra):
 
 def wait(cond, what, timeout=30, detail=lambda: ""):
     """Poll `cond` until it is truthy (printing `what`), or fail after `timeout` seconds."""
+    from selenium.common.exceptions import StaleElementReferenceException
     t = time.time()
     while time.time() - t < timeout:
-        v = cond()
+        try:
+            v = cond()
+        except StaleElementReferenceException:
+            v = None  # the page re-rendered what it was reading: read again
         if v:
             print("ok:", what)
             return v

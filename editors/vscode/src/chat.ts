@@ -1,5 +1,5 @@
 // The chat panel: a webview with the conversation over the extension's one WebSocket. Send,
-// Stop, sending while it answers redirects, and "Apply to file" on each code block (it
+// Stop, New (forget the conversation), sending while it answers redirects, and "Apply to file" on each code block (it
 // replaces the active editor's selection, or inserts at its cursor).
 
 import * as vscode from "vscode";
@@ -45,6 +45,7 @@ export class ChatPanel {
       return this.fail("cannot connect", e as Error);
     }
     if (m.type === "stop") return s.cancel();
+    if (m.type === "reset") return s.busy ? undefined : s.reset();
     if (m.type !== "send" || !m.text) return;
     const handlers = {
       delta: (t: string) => this.post({ type: "delta", text: t }),
@@ -87,12 +88,16 @@ function html(csp: string): string {
  form { display: flex; gap: 4px; padding: 6px; } textarea { flex: 1; min-height: 3em; font: inherit; }
 </style></head><body>
 <div id="log"></div>
-<form id="f"><textarea id="in" placeholder="Ask; Enter sends, sending while it answers redirects"></textarea><button id="send">Send</button><button id="stop" type="button" disabled>Stop</button></form>
+<form id="f"><textarea id="in" placeholder="Ask; Enter sends, sending while it answers redirects"></textarea><button id="send">Send</button><button id="stop" type="button" disabled>Stop</button><button id="new" type="button" title="Forget the conversation">New</button></form>
 <script nonce="${nonce}">
 const vscode = acquireVsCodeApi();
 const log = document.getElementById("log"), input = document.getElementById("in");
-let answer = null, text = "", busy = false;
-function render() {
+// The answers not yet ended, oldest first: a redirected answer's last deltas and its done
+// come before the new one's.
+const pending = [];
+let busy = false;
+function render(a) {
+  const answer = a.el, text = a.text;
   answer.textContent = "";
   text.split("\`\`\`").forEach((part, i) => {
     if (i % 2 === 0) return answer.appendChild(document.createTextNode(part));
@@ -107,21 +112,26 @@ function render() {
   log.scrollTop = log.scrollHeight;
 }
 function bubble(cls, t) { const d = document.createElement("div"); d.className = "msg " + cls; d.textContent = t; log.appendChild(d); return d; }
-function setBusy(b) { busy = b; document.getElementById("stop").disabled = !b; document.getElementById("send").textContent = b ? "Redirect" : "Send"; }
+function setBusy(b) { busy = b; document.getElementById("stop").disabled = !b; document.getElementById("new").disabled = b; document.getElementById("send").textContent = b ? "Redirect" : "Send"; }
 document.getElementById("f").onsubmit = (e) => {
   e.preventDefault();
   const t = input.value.trim(); if (!t) return;
   input.value = ""; bubble("user", t);
-  answer = bubble("assistant", ""); text = "";
+  pending.push({ el: bubble("assistant", ""), text: "" });
   vscode.postMessage({ type: "send", text: t }); setBusy(true);
 };
 input.onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); document.getElementById("f").requestSubmit(); } };
 document.getElementById("stop").onclick = () => vscode.postMessage({ type: "stop" });
+document.getElementById("new").onclick = () => { log.textContent = ""; vscode.postMessage({ type: "reset" }); };
 window.addEventListener("message", (e) => {
   const m = e.data;
-  if (m.type === "delta") { text += m.text; render(); }
-  else if (m.type === "done") { answer.dataset.finish = m.reason; if (m.reason !== "redirected") setBusy(false); }
-  else if (m.type === "error") { bubble("error", m.message); setBusy(false); }
+  if (m.type === "delta") { const a = pending[0]; if (a) { a.text += m.text; render(a); } }
+  else if (m.type === "done" || m.type === "error") {
+    const a = pending.shift();
+    if (a) a.el.dataset.finish = m.type === "done" ? m.reason : "error";
+    if (m.type === "error") bubble("error", m.message);
+    if (!pending.length) setBusy(false);
+  }
 });
 </script></body></html>`;
 }

@@ -13,6 +13,7 @@ export class InlineProvider implements vscode.InlineCompletionItemProvider {
   async provideInlineCompletionItems(doc: vscode.TextDocument, pos: vscode.Position, _ctx: vscode.InlineCompletionContext, token: vscode.CancellationToken) {
     const c = vscode.workspace.getConfiguration("flint");
     if (!c.get<boolean>("inlineCompletion.enabled", true)) return;
+    this.log.appendLine(`inline completion: asked at ${pos.line + 1}:${pos.character + 1}`);
     const wait = c.get<number>("inlineCompletion.debounceMs", 150);
     await new Promise((r) => setTimeout(r, wait));
     if (token.isCancellationRequested) return;
@@ -21,6 +22,7 @@ export class InlineProvider implements vscode.InlineCompletionItemProvider {
     const { url, key } = this.config();
     const http = url.replace(/^ws/, "http").replace(/\/+$/, "").replace(/\/v1\/ws$/, "");
     const abort = new AbortController();
+    const t0 = performance.now();
     const sub = token.onCancellationRequested(() => abort.abort());
     try {
       const headers: Record<string, string> = { "Content-Type": "application/json" };
@@ -32,6 +34,7 @@ export class InlineProvider implements vscode.InlineCompletionItemProvider {
         return;
       }
       const text: string = (await r.json()).choices?.[0]?.text ?? "";
+      this.log.appendLine(`inline completion: ${text.length} characters after ${(performance.now() - t0).toFixed(0)} ms`);
       if (!text.trim() || token.isCancellationRequested) return;
       return [new vscode.InlineCompletionItem(text, new vscode.Range(pos, pos))];
     } catch (e) {
