@@ -408,8 +408,11 @@ impl<E: BorrowMut<Engine>> Generation<E> {
         let room = self.req.max_tokens.saturating_sub(self.generated.len() + 1).min(
             self.n_ctx.saturating_sub(self.context.len() + 1),
         );
+        // The first token is never drafted after: it would wait for the whole draft's
+        // verification (a 17-token step costs ~17 decode steps' time on a CPU), and an editor
+        // that prefilled the code waits for the first token alone.
         let draft = match &mut self.drafter {
-            Some(d) if room > 0 => d.draft(&self.context, self.generated.len(), room, self.engine.borrow_mut().draft.as_mut())?,
+            Some(d) if room > 0 && !self.generated.is_empty() => d.draft(&self.context, self.generated.len(), room, self.engine.borrow_mut().draft.as_mut())?,
             _ => Default::default(),
         };
         let logits = self.run_model(&draft.tokens)?;

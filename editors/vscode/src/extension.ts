@@ -233,6 +233,29 @@ class LiveEdit {
   }
 }
 
+/**
+ * Ask for an instruction. Resolves at the Enter itself (`onDidAccept`), with when it came:
+ * `showInputBox` answers only after the box has closed, a round trip later.
+ */
+function ask(title: string, prompt: string): Promise<{ instruction: string; asked: number } | undefined> {
+  return new Promise((resolve) => {
+    const box = vscode.window.createInputBox();
+    Object.assign(box, { title, prompt, placeholder: "e.g. rename x to count", ignoreFocusOut: true });
+    let accepted = false;
+    box.onDidAccept(() => {
+      const asked = now();
+      accepted = true;
+      resolve(box.value.trim() ? { instruction: box.value, asked } : undefined);
+      box.hide();
+    });
+    box.onDidHide(() => {
+      if (!accepted) resolve(undefined);
+      box.dispose();
+    });
+    box.show();
+  });
+}
+
 /** The whole lines the selection touches (the cursor's line when nothing is selected). */
 function wholeLines(editor: vscode.TextEditor): vscode.Range {
   const doc = editor.document;
@@ -260,14 +283,12 @@ async function editSelection() {
   // While the user types the instruction, the server prefills the code (the prompt puts it
   // first), so the answer's first token waits only for the instruction's prefill.
   if (!redirect && !current) s.prefill(editor.document.getText(range), language);
-  const instruction = await vscode.window.showInputBox({
-    title: redirect ? "Flint: redirect the edit" : "Flint: edit the selection",
-    prompt: redirect ? "A new instruction; the rewrite so far stays in context" : "What should change?",
-    placeHolder: "e.g. rename x to count",
-    ignoreFocusOut: true,
-  });
-  const asked = now();
-  if (!instruction) return;
+  const answer = await ask(
+    redirect ? "Flint: redirect the edit" : "Flint: edit the selection",
+    redirect ? "A new instruction; the rewrite so far stays in context" : "What should change?",
+  );
+  if (!answer) return;
+  const { instruction, asked } = answer;
   if (redirect && current?.state.phase === "streaming") return current.run(instruction, true, asked);
   if (current) await current.reject();
   if (s.busy) s.cancel();
