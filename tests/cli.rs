@@ -140,9 +140,6 @@ fn pull_is_idempotent() {
 fn speculative_flags() {
     let m = tiny_model(GgmlType::Q4_1, 512);
     let ms = m.to_str().unwrap();
-    let pred = temp_dir("pred").join("p.txt");
-    std::fs::write(&pred, "ab ab ab ab").unwrap();
-    let p = pred.to_str().unwrap();
     let run = |extra: &[&str]| {
         let mut args = vec!["generate", "--model", ms, "--prompt", "ab ab ab ab ab", "--max-tokens", "24", "--json"];
         args.extend_from_slice(extra);
@@ -152,6 +149,11 @@ fn speculative_flags() {
     };
     let plain = run(&[]);
     assert_eq!(plain["timings"]["forward_passes"], 24);
+    // The prediction: the answer itself (the first token is never drafted after, so a
+    // prediction that misses from the start is never drafted from).
+    let pred = temp_dir("pred").join("p.txt");
+    std::fs::write(&pred, plain["text"].as_str().unwrap()).unwrap();
+    let p = pred.to_str().unwrap();
     for extra in [&["--speculative", "ngram", "--ngram-min", "1"][..], &["--speculative", "prediction", "--prediction-file", p], &["--speculative", "draft", "--draft", ms, "--draft-len", "3"]] {
         let v = run(extra);
         assert_eq!(v["tokens"], plain["tokens"], "{extra:?}");
