@@ -37,7 +37,6 @@ fn with_newline(s: &str) -> String {
 }
 
 impl Edit {
-    /// The user's message: the instruction, then the code in a fence.
     /// The user message: the code first, then the instruction. Everything before the
     /// instruction can be prefilled while the user still types it ([`Edit::prefix`]), and a
     /// small model follows an instruction it read last (SmolLM2-135M answered a rename with
@@ -46,6 +45,7 @@ impl Edit {
         format!("{FENCE}{}\n{}{FENCE}\n\n{}", self.language, with_newline(&self.code), instruction.trim())
     }
 
+    /// The assistant turn's opening, after the generation prompt.
     fn opening(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
         tok.encode(&format!("{FENCE}{}\n", self.language), false)
     }
@@ -74,6 +74,8 @@ impl Edit {
         Ok(a[..n].to_vec())
     }
 
+    /// What follows a conversation's context (an earlier edit's prompt and its answer, whole
+    /// or cut short) to ask for this edit instead: a redirect keeps what was said.
     pub fn continuation(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
         let mut p = tok.chat_continue(&[Message::new("user", &self.message(&self.instruction))])?;
         p.extend(self.opening(tok)?);

@@ -71,6 +71,14 @@ struct Turn {
     prefill: bool,
 }
 
+impl Turn {
+    /// Whether the turn brings no content of its own (an edit or a prefill builds its prompt
+    /// and prediction from `edit`).
+    fn edit_alone(&self) -> bool {
+        self.prompt.is_none() && self.messages.is_none() && self.content.is_none() && self.prediction.is_none()
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct EditTurn {
@@ -374,7 +382,7 @@ impl Conn {
     /// An edit: a fresh conversation for `generate`; for `redirect`, the new instruction
     /// after the redirected answer (which stays in context).
     fn start_edit(&mut self, t: Turn, e: EditTurn) -> Result<Running, ApiError> {
-        if t.prompt.is_some() || t.messages.is_some() || t.content.is_some() || t.prediction.is_some() {
+        if !t.edit_alone() {
             return Err(ApiError::invalid("an edit turn brings its code and instruction in `edit` alone"));
         }
         let tk = &self.state.tokenizer;
@@ -400,10 +408,10 @@ impl Conn {
     /// A prefill: the edit's prompt before its instruction runs into the conversation's KV
     /// cache (a fresh conversation), so the edit that follows prefills only the instruction.
     fn start_prefill(&mut self, t: Turn) -> Result<Running, ApiError> {
-        let Some(e) = t.edit else { return Err(ApiError::invalid("prefill: send the code to come in `edit: {code, language}`")) };
-        if t.prompt.is_some() || t.messages.is_some() || t.content.is_some() || t.prediction.is_some() {
+        if !t.edit_alone() {
             return Err(ApiError::invalid("a prefill brings its code in `edit` alone"));
         }
+        let Some(e) = t.edit else { return Err(ApiError::invalid("prefill: send the code to come in `edit: {code, language}`")) };
         let e = Edit { code: e.code, instruction: String::new(), language: e.language };
         let prefix = e.prefix(&self.state.tokenizer).map_err(|e| ApiError::invalid(e.to_string()))?;
         // Checked like a turn's prompt, then run with no answer (the engine stops before
