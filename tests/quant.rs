@@ -1,9 +1,10 @@
-//! Block formats against hand-computed blocks, and the fast dot kernels against f32 math.
+//! Block formats against hand-computed blocks, and the fast matmul kernels against f32 math.
 
 mod common;
 
 use common::assert_close;
 use flint::backend::dot::{self, Isa, Q8Row};
+use flint::backend::packed::{Packed, G};
 use flint::quant::{dequantize, quantize, GgmlType, Q8Act};
 use half::{bf16, f16};
 
@@ -110,46 +111,71 @@ fn quantize_round_trip_error_is_bounded() {
     }
 }
 
-/// Every instruction set's kernels agree, and match f32 math on the dequantized weights and
-/// activations. Lengths: 1, 2, 3, 18 (a SmolLM2 row), 37 and 48 blocks.
+fn act(x: &[f32]) -> Q8Act {
+    let mut a = Q8Act::default();
+    a.quantize_into(x);
+    a
+}
+
+fn q8row(a: &Q8Act) -> Q8Row<'_> {
+    Q8Row { qs: &a.qs, d: &a.d, s: &a.s }
+}
+
+/// Every row of a packed matrix against one token, group by group.
+fn packed_matvec(p: &Packed, a: Q8Row, isa: Isa) -> Vec<f32> {
+    (0..p.groups()).flat_map(|g| p.dot_group(g, [a], isa)[0]).take(p.rows).collect()
+}
+
+/// The repacked matmul kernels of every instruction set match f64 math on the dequantized
+/// weights and activations, and the SIMD levels agree to the bit. Row lengths of 1, 2, 3,
+/// 18 (a SmolLM2 row), 37 and 48 blocks; row counts that leave the last group of eight
+/// partly empty (1, 7, 13) or fill it (8, 24).
 #[test]
-fn dot_kernels_match_f32_reference() {
+fn packed_kernels_match_f32_reference() {
     let isas = Isa::available();
     eprintln!("kernels tested: {:?}", isas.iter().map(|i| i.name()).collect::<Vec<_>>());
     if isas.len() < 3 {
-        eprintln!("SKIPPED (partly) dot_kernels_match_f32_reference: this processor lacks AVX2 or AVX-512 VNNI; those kernels are untested here");
+        eprintln!("SKIPPED (partly) packed_kernels_match_f32_reference: this processor lacks AVX2 or AVX-512 VNNI; those kernels are untested here");
     }
     for nb in [1usize, 2, 3, 18, 37, 48] {
         let k = nb * 32;
-        let w = ramp(k, nb);
-        let x = ramp(k, nb + 100);
-        let mut act = Q8Act::default();
-        act.quantize_into(&x);
-        let a = Q8Row { qs: &act.qs, d: &act.d, s: &act.s };
-        let xq: Vec<f32> = act.qs.iter().enumerate().map(|(i, &q)| q as f32 * act.d[i / 32]).collect();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let mut row = Vec::new();
-            quantize(ty, &w, &mut row).unwrap();
-            let mut wd = vec![0f32; k];
-            dequantize(ty, &row, &mut wd).unwrap();
-            // Reference: f64 sum over the dequantized weights and the dequantized activations.
-            let reference = wd.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
-            let norm = wd.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() as f32;
-            let scalar = dot::dot_q(ty, &row, a, Isa::scalar());
-            // Integer block sums are exact; what differs is f32 rounding of the per-block
-            // scales and their accumulation: a few ulps of the sum of magnitudes.
-            let tol = 1e-5 * norm + 1e-6;
-            assert!((scalar - reference).abs() <= tol, "{ty} x{nb}: scalar {scalar} vs {reference}");
-            let mut simd_results = Vec::new();
-            for &isa in &isas[1..] {
-                let v = dot::dot_q(ty, &row, a, isa);
-                assert!((v - scalar).abs() <= tol, "{ty} x{nb}: {} {v} vs scalar {scalar}", isa.name());
-                simd_results.push(v);
+        let a = act(&ramp(k, nb + 100));
+        let xq: Vec<f32> = a.qs.iter().enumerate().map(|(i, &q)| q as f32 * a.d[i / 32]).collect();
+        for rows in [1usize, 7, 8, 13, 24] {
+            let w = ramp(rows * k, nb * 10 + rows);
+            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+                let mut bytes = Vec::new();
+                quantize(ty, &w, &mut bytes).unwrap();
+                let mut wd = vec![0f32; rows * k];
+                dequantize(ty, &bytes, &mut wd).unwrap();
+                let p = Packed::new(ty, k, rows, &bytes);
+                assert_eq!(p.groups(), rows.div_ceil(G));
+                let scalar = packed_matvec(&p, q8row(&a), Isa::scalar());
+                let mut simd_results = Vec::new();
+                for &isa in &isas[1..] {
+                    simd_results.push(packed_matvec(&p, q8row(&a), isa));
+                }
+                for r in 0..rows {
+                    let wr = &wd[r * k..(r + 1) * k];
+                    let reference = wr.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+                    let norm = wr.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() as f32;
+                    // Integer block sums are exact; what differs is f32 rounding of the
+                    // per-block scales and their accumulation: a few ulps of the sum of
+                    // magnitudes.
+                    let tol = 1e-5 * norm + 1e-6;
+                    assert!((scalar[r] - reference).abs() <= tol, "{ty} {rows}x{nb} row {r}: scalar {} vs {reference}", scalar[r]);
+                    for (isa, v) in isas[1..].iter().zip(&simd_results) {
+                        assert!((v[r] - reference).abs() <= tol, "{ty} {rows}x{nb} row {r}: {} {} vs {reference}", isa.name(), v[r]);
+                    }
+                }
+                // AVX2 and VNNI form the same exact integer sums, then the same float
+                // operations: identical bits.
+                assert!(simd_results.windows(2).all(|w| w[0] == w[1]), "{ty} {rows}x{nb}: SIMD levels differ");
             }
-            // AVX2 and VNNI form the same integer sums in the same order: identical bits.
-            assert!(simd_results.windows(2).all(|w| w[0] == w[1]), "{ty} x{nb}: SIMD levels differ {simd_results:?}");
         }
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            let w = ramp(k, nb);
+            let x = ramp(k, nb + 100);
             let mut row = Vec::new();
             quantize(ty, &w, &mut row).unwrap();
             let mut wd = vec![0f32; k];
@@ -160,6 +186,27 @@ fn dot_kernels_match_f32_reference() {
             assert!((v - reference).abs() <= 1e-5 * norm + 1e-6, "{ty} x{nb}: {v} vs {reference}");
         }
     }
+}
+
+/// The SIMD activation quantizer (and its parallel split of large batches) gives the
+/// scalar one's bits, ties included: values at exactly half a step round away from zero.
+#[test]
+fn activation_quantizer_levels_agree() {
+    // 300 blocks (the parallel path) with exact ties: block maxima of 127 make the scale 1.
+    let mut x = ramp(32 * 300, 9);
+    for (b, xb) in x.chunks_mut(32).enumerate() {
+        xb[0] = 127.0;
+        xb[1 + b % 31] = if b % 2 == 0 { 2.5 } else { -3.5 };
+    }
+    x[32 * 7..32 * 8].fill(0.0);
+    let simd = act(&x);
+    let mut scalar = Q8Act::default();
+    scalar.quantize_reference(&x);
+    assert_eq!(simd.qs, scalar.qs);
+    assert_eq!(simd.d, scalar.d);
+    assert_eq!(simd.s, scalar.s);
+    assert_eq!(simd.qs[32 + 2], -4, "-3.5 rounds away from zero");
+    assert_eq!(simd.qs[2 * 32 + 3], 3, "2.5 rounds away from zero");
 }
 
 /// The activation quantizer keeps each value within half a step of the block's scale.
@@ -177,28 +224,26 @@ fn activation_quantizer_is_accurate() {
     }
 }
 
-/// The four-token prefill kernel equals four single-token dot products, and the attention
-/// helpers (f32 queries against the f16 KV cache) equal f64 math, on lengths that are not multiples of the vector width.
+/// The multi-token kernels equal single-token ones to the bit (a token's logits do not
+/// depend on its batch), and the attention helpers (f32 queries against the f16 KV cache)
+/// equal f64 math, on lengths that are not multiples of the vector width.
 #[test]
 fn multi_token_and_attention_kernels_match() {
     for isa in Isa::available() {
         for nb in [1usize, 3, 18] {
             let k = nb * 32;
-            let acts: Vec<Q8Act> = (0..4)
-                .map(|t| {
-                    let mut a = Q8Act::default();
-                    a.quantize_into(&ramp(k, 50 + t));
-                    a
-                })
-                .collect();
-            let rows: Vec<Q8Row> = acts.iter().map(|a| Q8Row { qs: &a.qs, d: &a.d, s: &a.s }).collect();
+            let acts: Vec<Q8Act> = (0..4).map(|t| act(&ramp(k, 50 + t))).collect();
+            let rows: Vec<Q8Row> = acts.iter().map(q8row).collect();
             for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
                 let mut w = Vec::new();
-                quantize(ty, &ramp(k, nb), &mut w).unwrap();
-                let four = dot::dot_q_x4(ty, &w, [rows[0], rows[1], rows[2], rows[3]], isa);
-                let one: Vec<f32> = rows.iter().map(|&a| dot::dot_q(ty, &w, a, isa)).collect();
-                // The same operations in the same order for each token: identical bits.
-                assert_eq!(four.to_vec(), one, "{ty} x4 {} nb={nb}", isa.name());
+                quantize(ty, &ramp(11 * k, nb), &mut w).unwrap();
+                let p = Packed::new(ty, k, 11, &w);
+                for g in 0..p.groups() {
+                    let one: Vec<[f32; G]> = rows.iter().map(|&a| p.dot_group(g, [a], isa)[0]).collect();
+                    assert_eq!(p.dot_group(g, [rows[0], rows[1], rows[2], rows[3]], isa).to_vec(), one, "{ty} x4 {} nb={nb}", isa.name());
+                    assert_eq!(p.dot_group(g, [rows[1], rows[2], rows[3]], isa).to_vec(), one[1..], "{ty} x3 {} nb={nb}", isa.name());
+                    assert_eq!(p.dot_group(g, [rows[2], rows[3]], isa).to_vec(), one[2..], "{ty} x2 {} nb={nb}", isa.name());
+                }
             }
         }
         for n in [1usize, 7, 8, 17, 64, 100] {

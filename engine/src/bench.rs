@@ -149,3 +149,49 @@ pub fn profile(fwd: &mut dyn Forward, n: usize, depth: usize) -> Result<Vec<(cra
     let total: f64 = times.iter().map(|k| k.ms).sum();
     Ok(times.into_iter().map(|k| { let share = k.ms / total; (k, share) }).collect())
 }
+
+/// The host's memory bandwidth as the CPU backend's threads see it (the calling rayon pool),
+/// read as decode reads weights (in order, prefetched 2 KB ahead):
+/// (read GB/s, copy GB/s counting bytes read plus bytes written), each the best of five
+/// passes over 256 MB buffers, far larger than any cache.
+pub fn host_bandwidth() -> (f64, f64) {
+    use rayon::prelude::*;
+    const WORDS: usize = 256 << 17; // 256 MB of u64
+    const PART: usize = 1 << 17; // 1 MB per task
+    let src: Vec<u64> = (0..WORDS as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let mut dst = vec![0u64; WORDS];
+    dst.par_chunks_mut(PART).for_each(|c| c.fill(1)); // fault the pages in
+    let best = |f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let bytes = (WORDS * 8) as f64;
+    let read = best(&mut || {
+        let s: u64 = src.par_chunks(PART).map(sum_streamed).reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(s);
+    });
+    let copy = best(&mut || dst.par_chunks_mut(PART).zip(src.par_chunks(PART)).for_each(|(d, s)| d.copy_from_slice(s)));
+    (bytes / read / 1e9, 2.0 * bytes / copy / 1e9)
+}
+
+/// A wrapping sum of `c`, read in order with the lines 2 KB ahead prefetched.
+fn sum_streamed(c: &[u64]) -> u64 {
+    let mut a = [0u64; 8];
+    for (i, x) in c.chunks_exact(8).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch(c.as_ptr().wrapping_add(i * 8 + 256) as *const i8, _MM_HINT_T0);
+        }
+        for j in 0..8 {
+            a[j] = a[j].wrapping_add(x[j]);
+        }
+    }
+    a.iter().fold(0u64, |s, &v| s.wrapping_add(v))
+}

@@ -324,6 +324,15 @@ fn run(cmd: Cmd) -> Result<()> {
                 None
             };
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            // On the CPU backends the limit decode runs into is the host's memory: measure it
+            // unless given.
+            let host = (peak_gb_s.is_none() && fwd.backend_name().starts_with("cpu")).then(flint::bench::host_bandwidth);
+            if let Some((read, copy)) = host {
+                if !json {
+                    eprintln!("host memory, {} threads: read {read:.1} GB/s, copy {copy:.1} GB/s (read + written); decode's % of peak is of the read figure", rayon::current_num_threads());
+                }
+            }
+            let peak_gb_s = peak_gb_s.or(host.map(|h| h.0));
             if !json {
                 eprintln!("model {name}: {} layers, {} MB of weights; backend {}", l.config.n_layer, weight_bytes / 1_000_000, fwd.backend_name());
                 if let Some(c) = cold {
@@ -360,7 +369,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 let v = serde_json::json!({
                     "model": name, "backend": fwd.backend_name(), "weight_bytes": weight_bytes,
                     "threads": rayon::current_num_threads(), "load_ms": load_ms, "start_to_first_token_ms": cold,
-                    "peak_gb_s": peak_gb_s, "results": results,
+                    "peak_gb_s": peak_gb_s, "host_read_gb_s": host.map(|h| h.0), "host_copy_gb_s": host.map(|h| h.1), "results": results,
                     "kernels": kernels.iter().map(|(k, share)| serde_json::json!({
                         "kernel": k.kernel, "calls_per_token": k.calls as f64 / profile as f64,
                         "us_per_call": k.ms * 1e3 / k.calls as f64, "share": share,

@@ -222,23 +222,96 @@ pub struct Q8Act {
 }
 
 impl Q8Act {
+    /// Quantize `x` (a multiple of 32 values), in parallel over the calling thread pool for
+    /// large batches. The AVX2 path gives the same bits as the scalar one (round half away
+    /// from zero, as `f32::round`).
     pub fn quantize_into(&mut self, x: &[f32]) {
+        use rayon::prelude::*;
         debug_assert!(x.len() % QK == 0);
         let nb = x.len() / QK;
         self.qs.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
-        for (b, (xb, qb)) in x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
+        const CHUNK: usize = 64; // blocks per task
+        let work = |((xc, qc), (dc, sc)): ((&[f32], &mut [i8]), (&mut [f32], &mut [f32]))| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 was detected.
+                return unsafe { q8_avx2(xc, qc, dc, sc) };
             }
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
+            q8_scalar(xc, qc, dc, sc)
+        };
+        let parts = x.chunks(CHUNK * QK).zip(self.qs.chunks_mut(CHUNK * QK)).zip(self.d.chunks_mut(CHUNK).zip(self.s.chunks_mut(CHUNK)));
+        if nb >= 4 * CHUNK {
+            parts.collect::<Vec<_>>().into_par_iter().for_each(work);
+        } else {
+            parts.for_each(work);
         }
+    }
+}
+
+impl Q8Act {
+    /// The portable quantizer alone (to test the SIMD one against).
+    pub fn quantize_reference(&mut self, x: &[f32]) {
+        let nb = x.len() / QK;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        q8_scalar(x, &mut self.qs, &mut self.d, &mut self.s);
+    }
+}
+
+fn q8_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for (b, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let db = amax / 127.0;
+        let id = if db != 0.0 { 1.0 / db } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        d[b] = db;
+        s[b] = db * sum as f32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn q8_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = x.len() / QK;
+    assert!(qs.len() >= nb * QK && d.len() >= nb && s.len() >= nb);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+        let m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)), _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)));
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+        let db = amax / 127.0;
+        let id = _mm256_set1_ps(if db != 0.0 { 1.0 / db } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            let y = _mm256_mul_ps(v[i], id);
+            // Round half away from zero: truncate, then step away where |fraction| >= 1/2
+            // (the fraction y - trunc(y) is exact).
+            let t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let big = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(y, t), abs), half, _CMP_GE_OQ);
+            let step = _mm256_and_ps(big, _mm256_or_ps(one, _mm256_and_ps(y, sign)));
+            _mm256_cvttps_epi32(_mm256_add_ps(t, step))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+        // i32 -> i16 -> i8 packs work within 128-bit lanes: put the values back in order.
+        let w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, w);
+        d[b] = db;
+        s[b] = db * total as f32;
     }
 }

@@ -1,11 +1,14 @@
 //! The CPU backend, in two modes sharing everything but the matmul:
 //! - [`CpuMode::Exact`], the reference: every weight row is dequantized to f32 and
 //!   multiplied in f32, one plain loop per output value. Every GPU kernel is tested against it.
-//! - [`CpuMode::Fast`]: activations are quantized per 32-value block and multiplied
-//!   straight against the weights' blocks with integer SIMD dot products (see [`super::dot`]),
-//!   multi-threaded over output rows. No dequantized copy of the model exists.
+//! - [`CpuMode::Fast`]: quantized weights are repacked at load, eight rows interleaved
+//!   (see [`super::packed`]); activations are quantized per 32-value block once per matmul
+//!   and multiplied against them with integer SIMD dot products, up to four tokens per
+//!   pass over a group's weights, multi-threaded over groups of rows. No dequantized copy
+//!   of the model exists.
 
 use super::dot::{self, Isa, Q8Row};
+use super::packed::{Packed, G};
 use super::{AttnShape, Backend, Rope};
 use crate::gguf::{Gguf, MappedBytes, TensorInfo};
 use crate::quant::{dequantize, GgmlType, Q8Act, QK};
@@ -49,6 +52,8 @@ pub struct CpuWeight {
     pub ty: GgmlType,
     pub k: usize,    // values per row
     pub rows: usize, // number of rows
+    /// The fast mode's copy of a quantized matrix, repacked for its kernels.
+    pub packed: Option<Packed>,
 }
 
 impl CpuWeight {
@@ -105,7 +110,10 @@ impl Backend for Cpu {
             bail!("tensor {:?} has type {}, which Flint does not support (F32, F16, BF16, Q8_0, Q4_0, Q4_1)", t.name, t.ty);
         }
         let (k, rows) = t.rows_cols();
-        Ok(CpuWeight { bytes: file.tensor_bytes(t), ty: t.ty, k, rows })
+        let bytes = file.tensor_bytes(t);
+        // One-row weights are norms' gains, read as floats.
+        let packed = (self.mode == CpuMode::Fast && Packed::supports(t.ty) && rows > 1).then(|| Packed::new(t.ty, k, rows, &bytes));
+        Ok(CpuWeight { bytes, ty: t.ty, k, rows, packed })
     }
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
@@ -183,32 +191,60 @@ impl Backend for Cpu {
             debug_assert!(x.len() >= n * k && o.len() >= n * w.rows);
         }
         let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-        // Tasks of `chunk` rows over all the weights: enough work each to amortise the
-        // scheduling, enough tasks to balance the threads.
-        let total: usize = ws.iter().map(|w| w.rows).sum();
-        let chunk = (total / (rayon::current_num_threads() * 8)).clamp(8, 256);
+        let mut act = Q8Act::default();
+        if ws.iter().any(|w| w.packed.is_some()) {
+            act.quantize_into(&x[..n * k]);
+        }
+        // Tasks of `chunk` groups of eight rows over all the weights: enough work each to
+        // amortise the scheduling, enough tasks to balance the threads.
+        let total: usize = ws.iter().map(|w| w.rows.div_ceil(G)).sum();
+        let chunk = (total / (rayon::current_num_threads() * 8)).clamp(1, 32);
         let tasks: Vec<(usize, usize)> = ws
             .iter()
             .enumerate()
-            .flat_map(|(i, w)| (0..w.rows).step_by(chunk).map(move |r| (i, r)))
+            .flat_map(|(i, w)| (0..w.rows.div_ceil(G)).step_by(chunk).map(move |g| (i, g)))
             .collect();
-        let quantized = |w: &CpuWeight| matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
-        let mut act = Q8Act::default();
-        if self.mode == CpuMode::Fast && ws.iter().any(|w| quantized(w)) {
-            act.quantize_into(&x[..n * k]);
-        }
         let nb = k / QK;
         let isa = self.isa;
         let exact = self.mode == CpuMode::Exact;
         tasks.par_iter().for_each_init(
             || vec![0f32; if exact { k } else { 0 }],
-            |row, &(i, r0)| {
+            |row, &(i, g0)| {
                 let w = ws[i];
                 let (m, o) = (w.rows, ptrs[i]);
-                let rows = r0..(r0 + chunk).min(m);
+                let rows = g0 * G..((g0 + chunk) * G).min(m);
                 // SAFETY (every write below): (t, r) with r in this task's rows is written by
                 // this task alone, and lies inside out[i]'s n * m values.
-                if exact {
+                let put = |t: usize, r: usize, v: f32| unsafe { *{ o }.0.add(t * m + r) = v };
+                if let Some(p) = &w.packed {
+                    let act_row = |t: usize| Q8Row {
+                        qs: &act.qs[t * k..(t + 1) * k],
+                        d: &act.d[t * nb..(t + 1) * nb],
+                        s: &act.s[t * nb..(t + 1) * nb],
+                    };
+                    for g in rows.start / G..rows.end.div_ceil(G) {
+                        let live = G.min(m - g * G);
+                        let store = |t0: usize, v: &[[f32; G]]| {
+                            for (j, v) in v.iter().enumerate() {
+                                for (r, &v) in v[..live].iter().enumerate() {
+                                    put(t0 + j, g * G + r, v);
+                                }
+                            }
+                        };
+                        // Four tokens at a time share each unpacked weight register; the
+                        // group's weights stay in L1 across the batch.
+                        let n4 = n / 4 * 4;
+                        for t in (0..n4).step_by(4) {
+                            store(t, &p.dot_group(g, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], isa));
+                        }
+                        match n - n4 {
+                            0 => {}
+                            1 => store(n4, &p.dot_group(g, [act_row(n4)], isa)),
+                            2 => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1)], isa)),
+                            _ => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1), act_row(n4 + 2)], isa)),
+                        }
+                    }
+                } else if exact {
                     // Reference: dequantize the row, then a plain f32 dot product per token.
                     for r in rows {
                         w.dequant_row(r, row);
@@ -217,41 +253,13 @@ impl Backend for Cpu {
                             for (a, b) in row.iter().zip(&x[t * k..(t + 1) * k]) {
                                 s += a * b;
                             }
-                            unsafe { *{ o }.0.add(t * m + r) = s };
-                        }
-                    }
-                } else if quantized(w) {
-                    let act_row = |t: usize| Q8Row {
-                        qs: &act.qs[t * k..(t + 1) * k],
-                        d: &act.d[t * nb..(t + 1) * nb],
-                        s: &act.s[t * nb..(t + 1) * nb],
-                    };
-                    // Four tokens at a time share each unpacked weight block.
-                    let n4 = n / 4 * 4;
-                    for r in rows.clone() {
-                        let row = w.row(r);
-                        for t in (0..n4).step_by(4) {
-                            let v = dot::dot_q_x4(w.ty, row, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], isa);
-                            for (j, v) in v.into_iter().enumerate() {
-                                unsafe { *{ o }.0.add((t + j) * m + r) = v };
-                            }
-                        }
-                        // The rest (batched decode steps of 2 or 3 sessions) also share blocks.
-                        let rest: &[f32] = match n - n4 {
-                            0 => &[],
-                            1 => &[dot::dot_q(w.ty, row, act_row(n4), isa)],
-                            2 => &dot::dot_q_n(w.ty, row, [act_row(n4), act_row(n4 + 1)], isa),
-                            _ => &dot::dot_q_n(w.ty, row, [act_row(n4), act_row(n4 + 1), act_row(n4 + 2)], isa),
-                        };
-                        for (j, &v) in rest.iter().enumerate() {
-                            unsafe { *{ o }.0.add((n4 + j) * m + r) = v };
+                            put(t, r, s);
                         }
                     }
                 } else {
                     for r in rows {
                         for t in 0..n {
-                            let v = dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]);
-                            unsafe { *{ o }.0.add(t * m + r) = v };
+                            put(t, r, dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]));
                         }
                     }
                 }

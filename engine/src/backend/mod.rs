@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod dot;
+pub mod packed;
 pub mod wgpu;
 
 use crate::gguf::{Gguf, TensorInfo};
