@@ -365,13 +365,13 @@ impl<B: Backend> Session<B> {
         let rows = match rows {
             Rows::None => return Ok(None),
             Rows::All => {
-                b.matmul(out_w, &self.xn, n, &mut self.logits)?;
+                b.matmul_logits(out_w, &self.xn, n, &mut self.logits)?;
                 n
             }
             Rows::Last => {
                 // Only the last row's logits are wanted.
                 b.copy_rows(&self.xn, n - 1, &mut self.xb, 0, 1, d)?;
-                b.matmul(out_w, &self.xb, 1, &mut self.logits)?;
+                b.matmul_logits(out_w, &self.xb, 1, &mut self.logits)?;
                 1
             }
         };

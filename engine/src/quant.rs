@@ -251,6 +251,12 @@ impl Q8Act {
 }
 
 impl Q8Act {
+    /// What quantizing lost: `x - d * q`, value by value (to quantize again where the
+    /// 8-bit rounding matters).
+    pub fn residual(&self, x: &[f32]) -> Vec<f32> {
+        x.iter().zip(&self.qs).enumerate().map(|(i, (v, &q))| v - self.d[i / QK] * q as f32).collect()
+    }
+
     /// The portable quantizer alone (to test the SIMD one against).
     pub fn quantize_reference(&mut self, x: &[f32]) {
         let nb = x.len() / QK;

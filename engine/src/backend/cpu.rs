@@ -7,11 +7,11 @@
 //!   pass over a group's weights, multi-threaded over groups of rows. No dequantized copy
 //!   of the model exists.
 
-use super::dot::{self, Isa, Q8Row};
+use super::dot::{self, Isa};
 use super::packed::{Packed, G};
 use super::{AttnShape, Backend, Rope};
 use crate::gguf::{Gguf, MappedBytes, TensorInfo};
-use crate::quant::{dequantize, GgmlType, Q8Act, QK};
+use crate::quant::{dequantize, GgmlType, Q8Act};
 use anyhow::{bail, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -43,6 +43,96 @@ impl Cpu {
             .build()
             .expect("cannot start the CPU backend's threads");
         Cpu { mode, isa, pool }
+    }
+}
+
+impl Cpu {
+    /// Every matmul: `ws` share their input `x` (`n` rows), quantized once; `precise` (the
+    /// logits) adds the products of the quantization's residual.
+    fn matmul_q(&self, ws: &[&CpuWeight], x: &[f32], n: usize, outs: &mut [&mut Vec<f32>], precise: bool) -> Result<()> {
+        let k = ws[0].k;
+        if ws.iter().any(|w| w.k != k) || ws.len() != outs.len() {
+            bail!("matmul_many: weights of different row lengths");
+        }
+        for (w, o) in ws.iter().zip(outs.iter()) {
+            debug_assert!(x.len() >= n * k && o.len() >= n * w.rows);
+        }
+        let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+        let (mut act, mut lo) = (Q8Act::default(), Q8Act::default());
+        if ws.iter().any(|w| w.packed.is_some()) {
+            act.quantize_into(&x[..n * k]);
+            if precise {
+                lo.quantize_into(&act.residual(&x[..n * k]));
+            }
+        }
+        // Tasks of `chunk` groups of eight rows over all the weights: enough work each to
+        // amortise the scheduling, enough tasks to balance the threads.
+        let total: usize = ws.iter().map(|w| w.rows.div_ceil(G)).sum();
+        let chunk = (total / (rayon::current_num_threads() * 8)).clamp(1, 32);
+        let tasks: Vec<(usize, usize)> = ws
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| (0..w.rows.div_ceil(G)).step_by(chunk).map(move |g| (i, g)))
+            .collect();
+        let isa = self.isa;
+        let exact = self.mode == CpuMode::Exact;
+        tasks.par_iter().for_each_init(
+            || vec![0f32; if exact { k } else { 0 }],
+            |row, &(i, g0)| {
+                let w = ws[i];
+                let (m, o) = (w.rows, ptrs[i]);
+                let rows = g0 * G..((g0 + chunk) * G).min(m);
+                // SAFETY (every write below): (t, r) with r in this task's rows is written by
+                // this task alone, and lies inside out[i]'s n * m values.
+                let put = |t: usize, r: usize, v: f32| unsafe { *{ o }.0.add(t * m + r) = v };
+                if let Some(p) = &w.packed {
+                    let act_row = |t: usize| act.row(t, k);
+                    for g in rows.start / G..rows.end.div_ceil(G) {
+                        let live = G.min(m - g * G);
+                        let store = |t0: usize, v: &[[f32; G]]| {
+                            for (j, v) in v.iter().enumerate() {
+                                // The residual's products, in the same order for every token.
+                                let low = precise.then(|| p.dot_group(g, [lo.row(t0 + j, k)], isa)[0]);
+                                for (r, &v) in v[..live].iter().enumerate() {
+                                    put(t0 + j, g * G + r, low.map_or(v, |l| v + l[r]));
+                                }
+                            }
+                        };
+                        // Four tokens at a time share each unpacked weight register; the
+                        // group's weights stay in L1 across the batch.
+                        let n4 = n / 4 * 4;
+                        for t in (0..n4).step_by(4) {
+                            store(t, &p.dot_group(g, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], isa));
+                        }
+                        match n - n4 {
+                            0 => {}
+                            1 => store(n4, &p.dot_group(g, [act_row(n4)], isa)),
+                            2 => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1)], isa)),
+                            _ => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1), act_row(n4 + 2)], isa)),
+                        }
+                    }
+                } else if exact {
+                    // Reference: dequantize the row, then a plain f32 dot product per token.
+                    for r in rows {
+                        w.dequant_row(r, row);
+                        for t in 0..n {
+                            let mut s = 0f32;
+                            for (a, b) in row.iter().zip(&x[t * k..(t + 1) * k]) {
+                                s += a * b;
+                            }
+                            put(t, r, s);
+                        }
+                    }
+                } else {
+                    for r in rows {
+                        for t in 0..n {
+                            put(t, r, dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]));
+                        }
+                    }
+                }
+            },
+        );
+        Ok(())
     }
 }
 
@@ -183,89 +273,16 @@ impl Backend for Cpu {
     }
 
     fn matmul_many(&self, ws: &[&CpuWeight], x: &Vec<f32>, n: usize, outs: &mut [&mut Vec<f32>]) -> Result<()> {
-        let k = ws[0].k;
-        if ws.iter().any(|w| w.k != k) || ws.len() != outs.len() {
-            bail!("matmul_many: weights of different row lengths");
-        }
-        for (w, o) in ws.iter().zip(outs.iter()) {
-            debug_assert!(x.len() >= n * k && o.len() >= n * w.rows);
-        }
-        let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-        let mut act = Q8Act::default();
-        if ws.iter().any(|w| w.packed.is_some()) {
-            act.quantize_into(&x[..n * k]);
-        }
-        // Tasks of `chunk` groups of eight rows over all the weights: enough work each to
-        // amortise the scheduling, enough tasks to balance the threads.
-        let total: usize = ws.iter().map(|w| w.rows.div_ceil(G)).sum();
-        let chunk = (total / (rayon::current_num_threads() * 8)).clamp(1, 32);
-        let tasks: Vec<(usize, usize)> = ws
-            .iter()
-            .enumerate()
-            .flat_map(|(i, w)| (0..w.rows.div_ceil(G)).step_by(chunk).map(move |g| (i, g)))
-            .collect();
-        let nb = k / QK;
-        let isa = self.isa;
-        let exact = self.mode == CpuMode::Exact;
-        tasks.par_iter().for_each_init(
-            || vec![0f32; if exact { k } else { 0 }],
-            |row, &(i, g0)| {
-                let w = ws[i];
-                let (m, o) = (w.rows, ptrs[i]);
-                let rows = g0 * G..((g0 + chunk) * G).min(m);
-                // SAFETY (every write below): (t, r) with r in this task's rows is written by
-                // this task alone, and lies inside out[i]'s n * m values.
-                let put = |t: usize, r: usize, v: f32| unsafe { *{ o }.0.add(t * m + r) = v };
-                if let Some(p) = &w.packed {
-                    let act_row = |t: usize| Q8Row {
-                        qs: &act.qs[t * k..(t + 1) * k],
-                        d: &act.d[t * nb..(t + 1) * nb],
-                        s: &act.s[t * nb..(t + 1) * nb],
-                    };
-                    for g in rows.start / G..rows.end.div_ceil(G) {
-                        let live = G.min(m - g * G);
-                        let store = |t0: usize, v: &[[f32; G]]| {
-                            for (j, v) in v.iter().enumerate() {
-                                for (r, &v) in v[..live].iter().enumerate() {
-                                    put(t0 + j, g * G + r, v);
-                                }
-                            }
-                        };
-                        // Four tokens at a time share each unpacked weight register; the
-                        // group's weights stay in L1 across the batch.
-                        let n4 = n / 4 * 4;
-                        for t in (0..n4).step_by(4) {
-                            store(t, &p.dot_group(g, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], isa));
-                        }
-                        match n - n4 {
-                            0 => {}
-                            1 => store(n4, &p.dot_group(g, [act_row(n4)], isa)),
-                            2 => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1)], isa)),
-                            _ => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1), act_row(n4 + 2)], isa)),
-                        }
-                    }
-                } else if exact {
-                    // Reference: dequantize the row, then a plain f32 dot product per token.
-                    for r in rows {
-                        w.dequant_row(r, row);
-                        for t in 0..n {
-                            let mut s = 0f32;
-                            for (a, b) in row.iter().zip(&x[t * k..(t + 1) * k]) {
-                                s += a * b;
-                            }
-                            put(t, r, s);
-                        }
-                    }
-                } else {
-                    for r in rows {
-                        for t in 0..n {
-                            put(t, r, dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]));
-                        }
-                    }
-                }
-            },
-        );
-        Ok(())
+        self.matmul_q(ws, x, n, outs, false)
+    }
+
+    /// The logits: where the activations are quantized, their 8-bit rounding error is
+    /// quantized again and multiplied too (twice the integer work, on a matmul that decode
+    /// reads from memory anyway). Each logit then carries the rounding of the hidden layers
+    /// only, not one more 0.4% per value right at the output, where greedy decoding
+    /// compares logits a few hundredths apart.
+    fn matmul_logits(&self, w: &CpuWeight, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        self.matmul_q(&[w], x, n, &mut [out], true)
     }
 
     fn rope(&self, x: &mut Vec<f32>, n: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) -> Result<()> {
@@ -366,6 +383,20 @@ impl Backend for Cpu {
 const ATT_TOKENS: usize = 4;
 /// Keys per attention task (split-KV): long contexts spread over all threads.
 const ATT_KEYS: usize = 256;
+/// How many positions ahead attention prefetches its K and V rows (they stream from
+/// memory once per step at long contexts, in rows a KV-cache stride apart).
+const ATT_PREFETCH: usize = 8;
+
+/// Ask for `len` f16 values of `x` from `at` ahead of their use (a hint: an address past the
+/// end is never touched).
+#[inline(always)]
+fn prefetch_row(x: &[f16], at: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for l in (0..len).step_by(32) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { std::arch::x86_64::_mm_prefetch(x.as_ptr().wrapping_add(at + l) as *const i8, std::arch::x86_64::_MM_HINT_T0) };
+    }
+}
 
 /// Fast causal attention. One task per (KV head, tile of tokens, chunk of keys): each K and V
 /// row is loaded once for every query head that shares it (GQA) and every token of the tile,
@@ -464,6 +495,7 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
     // Token t sees keys 0..=pos0+t: here, k0..end(t).
     let end = |t: usize| (pos0 + t + 1).min(k1);
     for j in k0..k1 {
+        prefetch_row(k, (j + ATT_PREFETCH) * kvd + g * hd, hd);
         let kr = &k[j * kvd + g * hd..][..hd];
         for t in (t0..t1).filter(|&t| j < end(t)) {
             for hh in 0..group {
@@ -486,6 +518,7 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
         }
     }
     for j in k0..k1 {
+        prefetch_row(v, (j + ATT_PREFETCH) * kvd + g * hd, hd);
         let vr = &v[j * kvd + g * hd..][..hd];
         for t in (t0..t1).filter(|&t| j < end(t)) {
             for hh in 0..group {

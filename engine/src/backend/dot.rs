@@ -12,6 +12,14 @@ pub struct Q8Row<'a> {
     pub s: &'a [f32], // (k / 32)
 }
 
+impl crate::quant::Q8Act {
+    /// Row `t` of a batch quantized as rows of `k` values.
+    pub fn row(&self, t: usize, k: usize) -> Q8Row<'_> {
+        let nb = k / crate::quant::QK;
+        Q8Row { qs: &self.qs[t * k..(t + 1) * k], d: &self.d[t * nb..(t + 1) * nb], s: &self.s[t * nb..(t + 1) * nb] }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Level {
     Scalar,
@@ -29,9 +37,20 @@ impl Isa {
     pub fn scalar() -> Isa {
         Isa(Level::Scalar)
     }
-    /// The best this processor runs.
+    /// The best this processor runs, capped by `FLINT_CPU_ISA` where set (`scalar`, `avx2`
+    /// or `avx2+avx512vnni`: to measure a lower tier on a machine that has a higher one).
     pub fn detect() -> Isa {
-        *Isa::available().last().expect("scalar is always available")
+        let all = Isa::available();
+        let cap = std::env::var("FLINT_CPU_ISA").ok();
+        let best = *all.last().expect("scalar is always available");
+        match cap.as_deref().map(|c| all.iter().rev().find(|i| i.name() == c || (c == "vnni" && i.0 == Level::Vnni))) {
+            Some(Some(isa)) => *isa,
+            Some(None) => {
+                eprintln!("FLINT_CPU_ISA={}: not one of this processor's levels ({}); using {}", cap.unwrap_or_default(), all.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "), best.name());
+                best
+            }
+            None => best,
+        }
     }
     /// Every level this processor runs, scalar first.
     pub fn available() -> Vec<Isa> {

@@ -68,6 +68,11 @@ pub trait Backend: Send + Sync + 'static {
     /// out(t, :) = W x(t, :) for `n` rows; W: (rows, k) stored as `rows` rows of `k` values.
     fn matmul(&self, w: &Self::Weight, x: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
     /// Several matmuls of the same input (Q/K/V, gate/up), which a backend may fuse.
+    /// The output projection (the logits). A backend whose matmul rounds its inputs may
+    /// compute this one more precisely: greedy decoding compares its results.
+    fn matmul_logits(&self, w: &Self::Weight, x: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()> {
+        self.matmul(w, x, n, out)
+    }
     fn matmul_many(&self, ws: &[&Self::Weight], x: &Self::Buf, n: usize, outs: &mut [&mut Self::Buf]) -> Result<()> {
         for (w, o) in ws.iter().zip(outs.iter_mut()) {
             self.matmul(w, x, n, o)?;
