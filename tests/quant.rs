@@ -260,6 +260,31 @@ fn multi_token_and_attention_kernels_match() {
             y2.iter_mut().zip(&b).for_each(|(y, x)| *y += 0.37 * x.to_f32());
             // FMA rounds once, the plain loop twice: half an ulp apart at most.
             assert_close(&format!("axpy_f16 n={n} {}", isa.name()), &y, &y2, 1e-6, 1e-6);
+            // Softmax numerators: down to the clamp (-87) and beyond it, where the true
+            // value is below f32's normal range.
+            let x: Vec<f32> = (0..n).map(|i| -(i as f32) * 0.9).collect();
+            let mut e = x.clone();
+            let sum = dot::softmax_numerators(&mut e, 0.0, isa);
+            for (a, b) in x.iter().zip(&e) {
+                let want = (*a as f64).exp();
+                // The polynomial: a few ulps; past the clamp, exp(-87) at most.
+                assert!((*b as f64 - want).abs() <= 4e-7 * want + 1.7e-38, "exp({a}) {}: {b} vs {want}", isa.name());
+            }
+            let want: f64 = x.iter().map(|a| (*a as f64).exp()).sum();
+            assert!((sum as f64 - want).abs() <= 1e-6 * want, "exp sum n={n} {}: {sum} vs {want}", isa.name());
+            // Weighted sum of f16 rows a stride apart: equals an axpy per row, to the bit.
+            for hd in [32usize, 64, 96] {
+                let stride = hd + 40;
+                let v: Vec<half::f16> = ramp(n * stride, 4).iter().map(|&x| half::f16::from_f32(x)).collect();
+                let w = ramp(n, 5);
+                let mut y = ramp(hd, 6);
+                let mut y2 = y.clone();
+                dot::weighted_sum_f16(&mut y, &w, &v, stride, isa);
+                for (j, &wj) in w.iter().enumerate() {
+                    dot::axpy_f16(&mut y2, wj, &v[j * stride..j * stride + hd], isa);
+                }
+                assert_eq!(y, y2, "weighted_sum_f16 n={n} hd={hd} {}", isa.name());
+            }
         }
     }
 }

@@ -503,28 +503,17 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
             }
         }
     }
+    // Per query row: softmax numerators over its visible keys, then their weighted sum of
+    // the value rows, accumulated in registers (each value is the same chain of FMAs, key
+    // after key, as an axpy per key would make).
     for t in (t0..t1).filter(|&t| k0 < end(t)) {
         for hh in 0..group {
             let r = row_of(t, hh);
             let sc = &mut scores[r * ATT_KEYS..r * ATT_KEYS + end(t) - k0];
             let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for x in sc.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x;
-            }
             p[r * stride] = m;
-            p[r * stride + 1] = sum;
-        }
-    }
-    for j in k0..k1 {
-        prefetch_row(v, (j + ATT_PREFETCH) * kvd + g * hd, hd);
-        let vr = &v[j * kvd + g * hd..][..hd];
-        for t in (t0..t1).filter(|&t| j < end(t)) {
-            for hh in 0..group {
-                let r = row_of(t, hh);
-                dot::axpy8_h::<FMA>(&mut p[r * stride + 2..(r + 1) * stride], scores[r * ATT_KEYS + j - k0], vr);
-            }
+            p[r * stride + 1] = dot::exp_sum::<FMA>(sc, m);
+            dot::weighted_sum_h::<FMA>(&mut p[r * stride + 2..(r + 1) * stride], sc, &v[k0 * kvd + g * hd..], kvd);
         }
     }
 }

@@ -141,6 +141,58 @@ pub(crate) fn axpy8_h<const FMA: bool>(y: &mut [f32], alpha: f32, x: &[f16]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x.to_f32());
 }
 
+/// [`exp_sum`] with checked dispatch (for tests): `x[i] = exp(x[i] - m)`, and their sum.
+pub fn softmax_numerators(x: &mut [f32], m: f32, isa: Isa) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.simd() {
+        // SAFETY: an Isa above scalar exists only where AVX2, FMA and F16C were detected.
+        return unsafe { avx2::exp_sum(x, m) };
+    }
+    exp_sum::<false>(x, m)
+}
+
+/// [`weighted_sum_h`] with checked dispatch (for tests).
+pub fn weighted_sum_f16(y: &mut [f32], w: &[f32], v: &[f16], stride: usize, isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.simd() {
+        // SAFETY: as above.
+        return unsafe { avx2::weighted_sum_h(y, w, v, stride) };
+    }
+    weighted_sum_h::<false>(y, w, v, stride)
+}
+
+/// `x[i] = exp(x[i] - m)` for every i (m: their maximum), and their sum. With `FMA` it is
+/// explicit AVX2 code (a polynomial exp within 2 ulp of the true value): only for callers
+/// that run with those features.
+#[inline(always)]
+pub(crate) fn exp_sum<const FMA: bool>(x: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA callers run with AVX2, FMA and F16C.
+        return unsafe { inline_avx2::exp_sum(x, m) };
+    }
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// `y += sum_j w[j] * v[j * stride..][..y.len()]` over the f16 rows of `v`, each element
+/// one FMA per row in row order; `FMA` as for [`dot8_h`].
+#[inline(always)]
+pub(crate) fn weighted_sum_h<const FMA: bool>(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && y.len() % 32 == 0 {
+        // SAFETY: as above; the rows are bounds-checked there.
+        return unsafe { inline_avx2::weighted_sum_h(y, w, v, stride) };
+    }
+    for (j, &wj) in w.iter().enumerate() {
+        axpy8_h::<FMA>(y, wj, &v[j * stride..][..y.len()]);
+    }
+}
+
 /// Intrinsics without a target_feature attribute of their own: they are inlined into the
 /// AVX2-compiled kernels that call them, and must only be reached from those.
 #[cfg(target_arch = "x86_64")]
@@ -181,6 +233,72 @@ mod inline_avx2 {
             i += 1;
         }
         s
+    }
+
+    /// exp(x) for x <= 0: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], p of degree 6.
+    #[inline(always)]
+    unsafe fn exp_neg(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+        _mm256_mul_ps(p, scale)
+    }
+
+    #[inline(always)]
+    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        let (n, px) = (x.len(), x.as_mut_ptr());
+        let mv = _mm256_set1_ps(m);
+        let mut s = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(px.add(i)), mv));
+            _mm256_storeu_ps(px.add(i), e);
+            s = _mm256_add_ps(s, e);
+            i += 8;
+        }
+        let mut sum = hsum(s);
+        while i < n {
+            let mut lane = [0f32; 8];
+            lane[0] = x[i] - m;
+            _mm256_storeu_ps(lane.as_mut_ptr(), exp_neg(_mm256_loadu_ps(lane.as_ptr())));
+            x[i] = lane[0];
+            sum += lane[0];
+            i += 1;
+        }
+        sum
+    }
+
+    #[inline(always)]
+    pub unsafe fn weighted_sum_h(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+        let (hd, rows) = (y.len(), w.len());
+        if rows == 0 {
+            return;
+        }
+        assert!(v.len() >= (rows - 1) * stride + hd);
+        let pv = v.as_ptr();
+        for c in (0..hd).step_by(32) {
+            let py = y.as_mut_ptr().add(c);
+            let mut acc: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(py.add(8 * i)));
+            for (j, &wj) in w.iter().enumerate() {
+                let row = pv.add(j * stride + c);
+                if c == 0 {
+                    _mm_prefetch(row.wrapping_add(8 * stride) as *const i8, _MM_HINT_T0);
+                }
+                let wv = _mm256_set1_ps(wj);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, load_h(row.add(8 * i)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(py.add(8 * i), *a);
+            }
+        }
     }
 
     #[inline(always)]
@@ -236,6 +354,16 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
         dot8_h::<true>(a, b)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        super::exp_sum::<true>(x, m)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_h(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+        super::weighted_sum_h::<true>(y, w, v, stride)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
