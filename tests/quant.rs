@@ -284,6 +284,18 @@ fn multi_token_and_attention_kernels_match() {
                     dot::axpy_f16(&mut y2, wj, &v[j * stride..j * stride + hd], isa);
                 }
                 assert_eq!(y, y2, "weighted_sum_f16 n={n} hd={hd} {}", isa.name());
+                // 1 to 5 heads of a GQA group at once: the bits of one call per head.
+                for h in 1..=5usize {
+                    let (ys, ws) = (hd + 2, n + 3);
+                    let w = ramp(h * ws, 7);
+                    let mut y = ramp(h * ys, 8);
+                    let mut y2 = y.clone();
+                    dot::weighted_sum_f16_heads(&mut y, ys, &w, ws, h, n, hd, &v, stride, isa);
+                    for i in 0..h {
+                        dot::weighted_sum_f16(&mut y2[i * ys..i * ys + hd], &w[i * ws..i * ws + n], &v, stride, isa);
+                    }
+                    assert_eq!(y, y2, "weighted_sum_f16_heads h={h} n={n} hd={hd} {}", isa.name());
+                }
             }
         }
     }

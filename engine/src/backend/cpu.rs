@@ -507,13 +507,16 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
     // the value rows, accumulated in registers (each value is the same chain of FMAs, key
     // after key, as an axpy per key would make).
     for t in (t0..t1).filter(|&t| k0 < end(t)) {
+        let len = end(t) - k0;
         for hh in 0..group {
             let r = row_of(t, hh);
-            let sc = &mut scores[r * ATT_KEYS..r * ATT_KEYS + end(t) - k0];
+            let sc = &mut scores[r * ATT_KEYS..r * ATT_KEYS + len];
             let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             p[r * stride] = m;
             p[r * stride + 1] = dot::exp_sum::<FMA>(sc, m);
-            dot::weighted_sum_h::<FMA>(&mut p[r * stride + 2..(r + 1) * stride], sc, &v[k0 * kvd + g * hd..], kvd);
         }
+        // The group's heads share each value row.
+        let r0 = row_of(t, 0);
+        dot::weighted_sum_heads_h::<FMA>(&mut p[r0 * stride + 2..], stride, &scores[r0 * ATT_KEYS..], ATT_KEYS, group, len, hd, &v[k0 * kvd + g * hd..], kvd);
     }
 }

@@ -141,6 +141,42 @@ pub(crate) fn axpy8_h<const FMA: bool>(y: &mut [f32], alpha: f32, x: &[f16]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x.to_f32());
 }
 
+/// [`weighted_sum_h`] for the `h` heads of a GQA group at once: head i's output is
+/// `y[i * ys..][..hd]`, its weights `w[i * ws..][..rows]`; the same bits as one call per head.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weighted_sum_heads_h<const FMA: bool>(y: &mut [f32], ys: usize, w: &[f32], ws: usize, h: usize, rows: usize, hd: usize, v: &[f16], stride: usize) {
+    assert!(h >= 1 && (h - 1) * ys + hd <= y.len() && (h - 1) * ws + rows <= w.len() && (rows == 0 || (rows - 1) * stride + hd <= v.len()));
+    #[cfg(target_arch = "x86_64")]
+    if FMA && hd % 32 == 0 && h <= 4 {
+        let (py, pw) = (y.as_mut_ptr(), w.as_ptr());
+        // SAFETY: FMA callers run with AVX2, FMA and F16C; the bounds were checked above.
+        unsafe {
+            match h {
+                1 => inline_avx2::weighted_sum_heads::<1>(py, ys, pw, ws, rows, hd, v, stride),
+                2 => inline_avx2::weighted_sum_heads::<2>(py, ys, pw, ws, rows, hd, v, stride),
+                3 => inline_avx2::weighted_sum_heads::<3>(py, ys, pw, ws, rows, hd, v, stride),
+                _ => inline_avx2::weighted_sum_heads::<4>(py, ys, pw, ws, rows, hd, v, stride),
+            }
+        }
+        return;
+    }
+    for i in 0..h {
+        weighted_sum_h::<FMA>(&mut y[i * ys..i * ys + hd], &w[i * ws..i * ws + rows], v, stride);
+    }
+}
+
+/// [`weighted_sum_heads_h`] with checked dispatch (for tests).
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_sum_f16_heads(y: &mut [f32], ys: usize, w: &[f32], ws: usize, h: usize, rows: usize, hd: usize, v: &[f16], stride: usize, isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.simd() {
+        // SAFETY: an Isa above scalar exists only where AVX2, FMA and F16C were detected.
+        return unsafe { avx2::weighted_sum_heads(y, ys, w, ws, h, rows, hd, v, stride) };
+    }
+    weighted_sum_heads_h::<false>(y, ys, w, ws, h, rows, hd, v, stride)
+}
+
 /// [`exp_sum`] with checked dispatch (for tests): `x[i] = exp(x[i] - m)`, and their sum.
 pub fn softmax_numerators(x: &mut [f32], m: f32, isa: Isa) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -276,27 +312,50 @@ mod inline_avx2 {
 
     #[inline(always)]
     pub unsafe fn weighted_sum_h(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-        let (hd, rows) = (y.len(), w.len());
+        weighted_sum_heads::<1>(y.as_mut_ptr(), 0, w.as_ptr(), 0, w.len(), y.len(), v, stride)
+    }
+
+    /// H query heads at once over the same f16 value rows (GQA): head h's output at
+    /// `y + h * ys`, its weights at `w + h * ws`. Each value row is converted once for all
+    /// heads; each output element is one FMA per row, in row order.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn weighted_sum_heads<const H: usize>(y: *mut f32, ys: usize, w: *const f32, ws: usize, rows: usize, hd: usize, v: &[f16], stride: usize) {
         if rows == 0 {
             return;
         }
-        assert!(v.len() >= (rows - 1) * stride + hd);
+        assert!(hd % 32 == 0 && v.len() >= (rows - 1) * stride + hd);
         let pv = v.as_ptr();
-        for c in (0..hd).step_by(32) {
-            let py = y.as_mut_ptr().add(c);
-            let mut acc: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(py.add(8 * i)));
-            for (j, &wj) in w.iter().enumerate() {
+        // 32 values a pass with up to 3 heads, 16 with more (the accumulators fill the registers).
+        let ch = if H <= 3 { 32 } else { 16 };
+        let regs = ch / 8;
+        for c in (0..hd).step_by(ch) {
+            let mut acc = [[_mm256_setzero_ps(); 4]; H];
+            for (h, a) in acc.iter_mut().enumerate() {
+                for (i, a) in a[..regs].iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(y.add(h * ys + c + 8 * i));
+                }
+            }
+            for j in 0..rows {
                 let row = pv.add(j * stride + c);
                 if c == 0 {
                     _mm_prefetch(row.wrapping_add(8 * stride) as *const i8, _MM_HINT_T0);
                 }
-                let wv = _mm256_set1_ps(wj);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wv, load_h(row.add(8 * i)), *a);
+                let mut vr = [_mm256_setzero_ps(); 4];
+                for (i, r) in vr[..regs].iter_mut().enumerate() {
+                    *r = load_h(row.add(8 * i));
+                }
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_set1_ps(*w.add(h * ws + j));
+                    for i in 0..regs {
+                        a[i] = _mm256_fmadd_ps(wv, vr[i], a[i]);
+                    }
                 }
             }
-            for (i, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(py.add(8 * i), *a);
+            for (h, a) in acc.iter().enumerate() {
+                for (i, a) in a[..regs].iter().enumerate() {
+                    _mm256_storeu_ps(y.add(h * ys + c + 8 * i), *a);
+                }
             }
         }
     }
@@ -364,6 +423,12 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum_h(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
         super::weighted_sum_h::<true>(y, w, v, stride)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn weighted_sum_heads(y: &mut [f32], ys: usize, w: &[f32], ws: usize, h: usize, rows: usize, hd: usize, v: &[f16], stride: usize) {
+        super::weighted_sum_heads_h::<true>(y, ys, w, ws, h, rows, hd, v, stride)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
