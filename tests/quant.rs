@@ -260,18 +260,6 @@ fn multi_token_and_attention_kernels_match() {
             y2.iter_mut().zip(&b).for_each(|(y, x)| *y += 0.37 * x.to_f32());
             // FMA rounds once, the plain loop twice: half an ulp apart at most.
             assert_close(&format!("axpy_f16 n={n} {}", isa.name()), &y, &y2, 1e-6, 1e-6);
-            // Softmax numerators: down to the clamp (-87) and beyond it, where the true
-            // value is below f32's normal range.
-            let x: Vec<f32> = (0..n).map(|i| -(i as f32) * 0.9).collect();
-            let mut e = x.clone();
-            let sum = dot::softmax_numerators(&mut e, 0.0, isa);
-            for (a, b) in x.iter().zip(&e) {
-                let want = (*a as f64).exp();
-                // The polynomial: a few ulps; past the clamp, exp(-87) at most.
-                assert!((*b as f64 - want).abs() <= 4e-7 * want + 1.7e-38, "exp({a}) {}: {b} vs {want}", isa.name());
-            }
-            let want: f64 = x.iter().map(|a| (*a as f64).exp()).sum();
-            assert!((sum as f64 - want).abs() <= 1e-6 * want, "exp sum n={n} {}: {sum} vs {want}", isa.name());
             // Weighted sum of f16 rows a stride apart: equals an axpy per row, to the bit.
             for hd in [32usize, 64, 96] {
                 let stride = hd + 40;
@@ -295,6 +283,19 @@ fn multi_token_and_attention_kernels_match() {
                         dot::weighted_sum_f16(&mut y2[i * ys..i * ys + hd], &w[i * ws..i * ws + n], &v, stride, isa);
                     }
                     assert_eq!(y, y2, "weighted_sum_f16_heads h={h} n={n} hd={hd} {}", isa.name());
+                }
+                // Scores of 1 to 5 heads against the same key rows: the bits of dot_f16.
+                for h in 1..=5usize {
+                    let q = ramp(h * hd, 9);
+                    let os = n + 1;
+                    let mut out = vec![0f32; h * os];
+                    dot::scores_f16_heads(&mut out, os, &q, h, n, hd, &v, stride, 0.125, isa);
+                    for i in 0..h {
+                        for j in 0..n {
+                            let want = dot::dot_f16(&q[i * hd..(i + 1) * hd], &v[j * stride..j * stride + hd], isa) * 0.125;
+                            assert_eq!(out[i * os + j], want, "scores_f16_heads h={h} n={n} hd={hd} {}", isa.name());
+                        }
+                    }
                 }
             }
         }

@@ -383,20 +383,6 @@ impl Backend for Cpu {
 const ATT_TOKENS: usize = 4;
 /// Keys per attention task (split-KV): long contexts spread over all threads.
 const ATT_KEYS: usize = 256;
-/// How many positions ahead attention prefetches its K and V rows (they stream from
-/// memory once per step at long contexts, in rows a KV-cache stride apart).
-const ATT_PREFETCH: usize = 8;
-
-/// Ask for `len` f16 values of `x` from `at` ahead of their use (a hint: an address past the
-/// end is never touched).
-#[inline(always)]
-fn prefetch_row(x: &[f16], at: usize, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for l in (0..len).step_by(32) {
-        // SAFETY: a prefetch never faults, whatever the address.
-        unsafe { std::arch::x86_64::_mm_prefetch(x.as_ptr().wrapping_add(at + l) as *const i8, std::arch::x86_64::_MM_HINT_T0) };
-    }
-}
 
 /// Fast causal attention. One task per (KV head, tile of tokens, chunk of keys): each K and V
 /// row is loaded once for every query head that shares it (GQA) and every token of the tile,
@@ -426,7 +412,7 @@ fn attention_split(q: &[f32], k: &[f16], v: &[f16], out: &mut [f32], n: usize, p
         },
     );
     // Merge each row's partials: rescale to the common max, then normalise.
-    out[..n * nh * hd].par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+    let merge = |(i, o): (usize, &mut [f32])| {
         let (t, h) = (i / nh, i % nh);
         let (g, hh) = (h / group, h % group);
         let tile = t / ATT_TOKENS;
@@ -446,7 +432,13 @@ fn attention_split(q: &[f32], k: &[f16], v: &[f16], out: &mut [f32], n: usize, p
         }
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|x| *x *= inv);
-    });
+    };
+    // A decode step's few rows merge faster here than the threads can be woken for them.
+    if n * nh * n_chunks <= 256 {
+        out[..n * nh * hd].chunks_mut(hd).enumerate().for_each(merge);
+    } else {
+        out[..n * nh * hd].par_chunks_mut(hd).enumerate().for_each(merge);
+    }
 }
 
 struct AttnTask<'a> {
@@ -491,17 +483,14 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
         return;
     }
     let row_of = |t: usize, hh: usize| (t - t0) * group + hh;
-    let q_of = |t: usize, hh: usize| &q[(t * nh + g * group + hh) * hd..][..hd];
+    // The group's query heads of token t, one after another.
+    let q_of = |t: usize| &q[(t * nh + g * group) * hd..][..group * hd];
     // Token t sees keys 0..=pos0+t: here, k0..end(t).
     let end = |t: usize| (pos0 + t + 1).min(k1);
-    for j in k0..k1 {
-        prefetch_row(k, (j + ATT_PREFETCH) * kvd + g * hd, hd);
-        let kr = &k[j * kvd + g * hd..][..hd];
-        for t in (t0..t1).filter(|&t| j < end(t)) {
-            for hh in 0..group {
-                scores[row_of(t, hh) * ATT_KEYS + j - k0] = dot::dot8_h::<FMA>(q_of(t, hh), kr) * c.scale;
-            }
-        }
+    // Each token's scores for all the group's heads, each key row converted once.
+    for t in (t0..t1).filter(|&t| k0 < end(t)) {
+        let r0 = row_of(t, 0);
+        dot::scores_heads_h::<FMA>(&mut scores[r0 * ATT_KEYS..], ATT_KEYS, q_of(t), group, end(t) - k0, hd, &k[k0 * kvd + g * hd..], kvd, c.scale);
     }
     // Per query row: softmax numerators over its visible keys, then their weighted sum of
     // the value rows, accumulated in registers (each value is the same chain of FMAs, key
@@ -512,8 +501,13 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
             let r = row_of(t, hh);
             let sc = &mut scores[r * ATT_KEYS..r * ATT_KEYS + len];
             let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for x in sc.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
             p[r * stride] = m;
-            p[r * stride + 1] = dot::exp_sum::<FMA>(sc, m);
+            p[r * stride + 1] = sum;
         }
         // The group's heads share each value row.
         let r0 = row_of(t, 0);

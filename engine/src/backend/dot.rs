@@ -166,6 +166,38 @@ pub(crate) fn weighted_sum_heads_h<const FMA: bool>(y: &mut [f32], ys: usize, w:
     }
 }
 
+/// Scores of `h` query heads (rows of `q`, `hd` apart) against `rows` f16 key rows
+/// (`stride` apart): `out[i * os + j] = dot(q_i, k_j) * scale`, each dot the bits of
+/// [`dot8_h`]; each key row is converted once for all heads. `FMA` as for [`dot8_h`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scores_heads_h<const FMA: bool>(out: &mut [f32], os: usize, q: &[f32], h: usize, rows: usize, hd: usize, k: &[f16], stride: usize, scale: f32) {
+    assert!(h >= 1 && (h - 1) * os + rows <= out.len() && h * hd <= q.len() && (rows == 0 || (rows - 1) * stride + hd <= k.len()));
+    #[cfg(target_arch = "x86_64")]
+    if FMA && hd % 16 == 0 && hd <= 256 && h <= 8 {
+        // SAFETY: FMA callers run with AVX2, FMA and F16C; the bounds were checked above.
+        unsafe { inline_avx2::scores_heads(out.as_mut_ptr(), os, q.as_ptr(), h, rows, hd, k, stride, scale) };
+        return;
+    }
+    for j in 0..rows {
+        let kr = &k[j * stride..][..hd];
+        for i in 0..h {
+            out[i * os + j] = dot8_h::<FMA>(&q[i * hd..(i + 1) * hd], kr) * scale;
+        }
+    }
+}
+
+/// [`scores_heads_h`] with checked dispatch (for tests).
+#[allow(clippy::too_many_arguments)]
+pub fn scores_f16_heads(out: &mut [f32], os: usize, q: &[f32], h: usize, rows: usize, hd: usize, k: &[f16], stride: usize, scale: f32, isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.simd() {
+        // SAFETY: an Isa above scalar exists only where AVX2, FMA and F16C were detected.
+        return unsafe { avx2::scores_heads(out, os, q, h, rows, hd, k, stride, scale) };
+    }
+    scores_heads_h::<false>(out, os, q, h, rows, hd, k, stride, scale)
+}
+
 /// [`weighted_sum_heads_h`] with checked dispatch (for tests).
 #[allow(clippy::too_many_arguments)]
 pub fn weighted_sum_f16_heads(y: &mut [f32], ys: usize, w: &[f32], ws: usize, h: usize, rows: usize, hd: usize, v: &[f16], stride: usize, isa: Isa) {
@@ -177,16 +209,6 @@ pub fn weighted_sum_f16_heads(y: &mut [f32], ys: usize, w: &[f32], ws: usize, h:
     weighted_sum_heads_h::<false>(y, ys, w, ws, h, rows, hd, v, stride)
 }
 
-/// [`exp_sum`] with checked dispatch (for tests): `x[i] = exp(x[i] - m)`, and their sum.
-pub fn softmax_numerators(x: &mut [f32], m: f32, isa: Isa) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if isa.simd() {
-        // SAFETY: an Isa above scalar exists only where AVX2, FMA and F16C were detected.
-        return unsafe { avx2::exp_sum(x, m) };
-    }
-    exp_sum::<false>(x, m)
-}
-
 /// [`weighted_sum_h`] with checked dispatch (for tests).
 pub fn weighted_sum_f16(y: &mut [f32], w: &[f32], v: &[f16], stride: usize, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
@@ -195,24 +217,6 @@ pub fn weighted_sum_f16(y: &mut [f32], w: &[f32], v: &[f16], stride: usize, isa:
         return unsafe { avx2::weighted_sum_h(y, w, v, stride) };
     }
     weighted_sum_h::<false>(y, w, v, stride)
-}
-
-/// `x[i] = exp(x[i] - m)` for every i (m: their maximum), and their sum. With `FMA` it is
-/// explicit AVX2 code (a polynomial exp within 2 ulp of the true value): only for callers
-/// that run with those features.
-#[inline(always)]
-pub(crate) fn exp_sum<const FMA: bool>(x: &mut [f32], m: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: FMA callers run with AVX2, FMA and F16C.
-        return unsafe { inline_avx2::exp_sum(x, m) };
-    }
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
-    sum
 }
 
 /// `y += sum_j w[j] * v[j * stride..][..y.len()]` over the f16 rows of `v`, each element
@@ -271,48 +275,34 @@ mod inline_avx2 {
         s
     }
 
-    /// exp(x) for x <= 0: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], p of degree 6.
-    #[inline(always)]
-    unsafe fn exp_neg(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm256_set1_ps(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-        _mm256_mul_ps(p, scale)
-    }
-
-    #[inline(always)]
-    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-        let (n, px) = (x.len(), x.as_mut_ptr());
-        let mv = _mm256_set1_ps(m);
-        let mut s = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            let e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(px.add(i)), mv));
-            _mm256_storeu_ps(px.add(i), e);
-            s = _mm256_add_ps(s, e);
-            i += 8;
-        }
-        let mut sum = hsum(s);
-        while i < n {
-            let mut lane = [0f32; 8];
-            lane[0] = x[i] - m;
-            _mm256_storeu_ps(lane.as_mut_ptr(), exp_neg(_mm256_loadu_ps(lane.as_ptr())));
-            x[i] = lane[0];
-            sum += lane[0];
-            i += 1;
-        }
-        sum
-    }
-
     #[inline(always)]
     pub unsafe fn weighted_sum_h(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
         weighted_sum_heads::<1>(y.as_mut_ptr(), 0, w.as_ptr(), 0, w.len(), y.len(), v, stride)
+    }
+
+    /// See [`super::scores_heads_h`]: per key row, its 16-value chunks converted once, then
+    /// every head's two alternating FMA chains (as [`dot_h`]) and one horizontal sum.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn scores_heads(out: *mut f32, os: usize, q: *const f32, h: usize, rows: usize, hd: usize, k: &[f16], stride: usize, scale: f32) {
+        let pk = k.as_ptr();
+        let mut kr = [_mm256_setzero_ps(); 32];
+        for j in 0..rows {
+            let row = pk.add(j * stride);
+            _mm_prefetch(row.wrapping_add(8 * stride) as *const i8, _MM_HINT_T0);
+            for (i, r) in kr[..hd / 8].iter_mut().enumerate() {
+                *r = load_h(row.add(8 * i));
+            }
+            for i in 0..h {
+                let qi = q.add(i * hd);
+                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for c in (0..hd / 8).step_by(2) {
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi.add(8 * c)), kr[c], s0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qi.add(8 * c + 8)), kr[c + 1], s1);
+                }
+                *out.add(i * os + j) = hsum(_mm256_add_ps(s0, s1)) * scale;
+            }
+        }
     }
 
     /// H query heads at once over the same f16 value rows (GQA): head h's output at
@@ -416,11 +406,6 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-        super::exp_sum::<true>(x, m)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum_h(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
         super::weighted_sum_h::<true>(y, w, v, stride)
     }
@@ -429,6 +414,12 @@ mod avx2 {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn weighted_sum_heads(y: &mut [f32], ys: usize, w: &[f32], ws: usize, h: usize, rows: usize, hd: usize, v: &[f16], stride: usize) {
         super::weighted_sum_heads_h::<true>(y, ys, w, ws, h, rows, hd, v, stride)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn scores_heads(out: &mut [f32], os: usize, q: &[f32], h: usize, rows: usize, hd: usize, k: &[f16], stride: usize, scale: f32) {
+        super::scores_heads_h::<true>(out, os, q, h, rows, hd, k, stride, scale)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
