@@ -324,7 +324,9 @@ async fn every_turn_ends_once_under_cancel_redirect_steer_and_disconnect() {
 /// turn is still queued when its cancel (or redirect) arrives.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancel_or_redirect_of_a_queued_turn_ends_it_properly() {
-    let s = Server::tiny(&["--parallel", "1", "--max-queue", "2"]);
+    // A long context: the hog must still be generating when its cancel comes, however fast
+    // the tiny model runs (at 2,048 positions the CPU backend reached the end first).
+    let s = Server::tiny_long(&["--parallel", "1", "--max-queue", "2"]);
     let mut hog = s.ws().await;
     hog.send(json!({"type": "generate", "prompt": "hog", "max_tokens": 100000})).await;
     assert_eq!(hog.recv().await["type"], "delta");

@@ -253,7 +253,7 @@ async fn one_key_over_its_limits_gets_429_while_another_is_served() {
     drop(s);
 
     // Generations at once.
-    let s = Server::tiny(&["--api-key", "sk-a-00000000", "--api-key", "sk-b-00000000", "--max-parallel-per-key", "1"]);
+    let s = Server::tiny_long(&["--api-key", "sk-a-00000000", "--api-key", "sk-b-00000000", "--max-parallel-per-key", "1"]);
     let (mut hog, _) = handshake(&s.addr, "/v1/ws", &[("Authorization", &bearer("sk-a-00000000"))]).await.unwrap();
     assert_eq!(hog.recv().await["type"], "session");
     hog.send(json!({"type": "generate", "prompt": "hog", "max_tokens": 100000})).await;

@@ -243,7 +243,7 @@ fn http_errors_are_openai_shaped() {
 #[test]
 fn a_disconnected_http_client_cancels_its_generation() {
     use std::io::{Read, Write};
-    let s = Server::tiny(&[]);
+    let s = Server::tiny_long(&[]);
     let body = json!({"prompt": "forever", "max_tokens": 100000, "stream": true}).to_string();
     let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
     write!(c, "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", s.addr, body.len()).unwrap();
@@ -287,7 +287,7 @@ fn health_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_ends_generations_and_sessions() {
-    let mut s = Server::tiny(&["--shutdown-grace", "0.3"]);
+    let mut s = Server::tiny_long(&["--shutdown-grace", "0.3"]);
     let mut ws = s.ws().await;
     ws.send(json!({"type": "generate", "prompt": "long", "max_tokens": 100000})).await;
     assert_eq!(ws.recv().await["type"], "delta");

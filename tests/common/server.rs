@@ -50,6 +50,11 @@ impl Server {
         Server::start(&tiny_model(GgmlType::Q8_0, 2048), extra)
     }
 
+    /// The tiny model with room for a generation that outlasts what a test does meanwhile.
+    pub fn tiny_long(extra: &[&str]) -> Server {
+        Server::start(&tiny_model(GgmlType::Q8_0, 65536), extra)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
