@@ -8,6 +8,7 @@
 //!   of the model exists.
 
 use super::dot::{self, Isa};
+use super::hot::HotPool;
 use super::packed::{Packed, G};
 use super::{AttnShape, Backend, Rope};
 use crate::gguf::{Gguf, MappedBytes, TensorInfo};
@@ -29,6 +30,9 @@ pub struct Cpu {
     /// thread works as one of them instead of sleeping through each of the ~150 parallel
     /// regions of a decode step.
     pool: rayon::ThreadPool,
+    /// The same number of threads, kept spinning between the regions of a forward pass:
+    /// the matmuls and attention run on these.
+    hot: HotPool,
 }
 
 impl Cpu {
@@ -42,7 +46,8 @@ impl Cpu {
             .thread_name(|i| format!("flint-cpu-{i}"))
             .build()
             .expect("cannot start the CPU backend's threads");
-        Cpu { mode, isa, pool }
+        let hot = HotPool::new(pool.current_num_threads());
+        Cpu { mode, isa, pool, hot }
     }
 }
 
@@ -68,7 +73,7 @@ impl Cpu {
         // Tasks of `chunk` groups of eight rows over all the weights: enough work each to
         // amortise the scheduling, enough tasks to balance the threads.
         let total: usize = ws.iter().map(|w| w.rows.div_ceil(G)).sum();
-        let chunk = (total / (rayon::current_num_threads() * 8)).clamp(1, 32);
+        let chunk = (total / (self.pool.current_num_threads() * 8)).clamp(1, 32);
         let tasks: Vec<(usize, usize)> = ws
             .iter()
             .enumerate()
@@ -76,62 +81,61 @@ impl Cpu {
             .collect();
         let isa = self.isa;
         let exact = self.mode == CpuMode::Exact;
-        tasks.par_iter().for_each_init(
-            || vec![0f32; if exact { k } else { 0 }],
-            |row, &(i, g0)| {
-                let w = ws[i];
-                let (m, o) = (w.rows, ptrs[i]);
-                let rows = g0 * G..((g0 + chunk) * G).min(m);
-                // SAFETY (every write below): (t, r) with r in this task's rows is written by
-                // this task alone, and lies inside out[i]'s n * m values.
-                let put = |t: usize, r: usize, v: f32| unsafe { *{ o }.0.add(t * m + r) = v };
-                if let Some(p) = &w.packed {
-                    let act_row = |t: usize| act.row(t, k);
-                    for g in rows.start / G..rows.end.div_ceil(G) {
-                        let live = G.min(m - g * G);
-                        let store = |t0: usize, v: &[[f32; G]]| {
-                            for (j, v) in v.iter().enumerate() {
-                                // The residual's products, in the same order for every token.
-                                let low = precise.then(|| p.dot_group(g, [lo.row(t0 + j, k)], isa)[0]);
-                                for (r, &v) in v[..live].iter().enumerate() {
-                                    put(t0 + j, g * G + r, low.map_or(v, |l| v + l[r]));
-                                }
+        self.hot.run(tasks.len(), &|ti| {
+            let (i, g0) = tasks[ti];
+            let mut row = if exact { vec![0f32; k] } else { Vec::new() };
+            let w = ws[i];
+            let (m, o) = (w.rows, ptrs[i]);
+            let rows = g0 * G..((g0 + chunk) * G).min(m);
+            // SAFETY (every write below): (t, r) with r in this task's rows is written by
+            // this task alone, and lies inside out[i]'s n * m values.
+            let put = |t: usize, r: usize, v: f32| unsafe { *{ o }.0.add(t * m + r) = v };
+            if let Some(p) = &w.packed {
+                let act_row = |t: usize| act.row(t, k);
+                for g in rows.start / G..rows.end.div_ceil(G) {
+                    let live = G.min(m - g * G);
+                    let store = |t0: usize, v: &[[f32; G]]| {
+                        for (j, v) in v.iter().enumerate() {
+                            // The residual's products, in the same order for every token.
+                            let low = precise.then(|| p.dot_group(g, [lo.row(t0 + j, k)], isa)[0]);
+                            for (r, &v) in v[..live].iter().enumerate() {
+                                put(t0 + j, g * G + r, low.map_or(v, |l| v + l[r]));
                             }
-                        };
-                        // Four tokens at a time share each unpacked weight register; the
-                        // group's weights stay in L1 across the batch.
-                        let n4 = n / 4 * 4;
-                        for t in (0..n4).step_by(4) {
-                            store(t, &p.dot_group(g, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], isa));
                         }
-                        match n - n4 {
-                            0 => {}
-                            1 => store(n4, &p.dot_group(g, [act_row(n4)], isa)),
-                            2 => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1)], isa)),
-                            _ => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1), act_row(n4 + 2)], isa)),
-                        }
+                    };
+                    // Four tokens at a time share each unpacked weight register; the
+                    // group's weights stay in L1 across the batch.
+                    let n4 = n / 4 * 4;
+                    for t in (0..n4).step_by(4) {
+                        store(t, &p.dot_group(g, [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)], isa));
                     }
-                } else if exact {
-                    // Reference: dequantize the row, then a plain f32 dot product per token.
-                    for r in rows {
-                        w.dequant_row(r, row);
-                        for t in 0..n {
-                            let mut s = 0f32;
-                            for (a, b) in row.iter().zip(&x[t * k..(t + 1) * k]) {
-                                s += a * b;
-                            }
-                            put(t, r, s);
-                        }
-                    }
-                } else {
-                    for r in rows {
-                        for t in 0..n {
-                            put(t, r, dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]));
-                        }
+                    match n - n4 {
+                        0 => {}
+                        1 => store(n4, &p.dot_group(g, [act_row(n4)], isa)),
+                        2 => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1)], isa)),
+                        _ => store(n4, &p.dot_group(g, [act_row(n4), act_row(n4 + 1), act_row(n4 + 2)], isa)),
                     }
                 }
-            },
-        );
+            } else if exact {
+                // Reference: dequantize the row, then a plain f32 dot product per token.
+                for r in rows {
+                    w.dequant_row(r, &mut row);
+                    for t in 0..n {
+                        let mut s = 0f32;
+                        for (a, b) in row.iter().zip(&x[t * k..(t + 1) * k]) {
+                            s += a * b;
+                        }
+                        put(t, r, s);
+                    }
+                }
+            } else {
+                for r in rows {
+                    for t in 0..n {
+                        put(t, r, dot::dot_float(w.ty, w.row(r), &x[t * k..(t + 1) * k]));
+                    }
+                }
+            }
+        });
         Ok(())
     }
 }
@@ -314,7 +318,7 @@ impl Backend for Cpu {
     fn attention(&self, q: &Vec<f32>, k: &CpuKv, v: &CpuKv, out: &mut Vec<f32>, n: usize, pos0: usize, s: AttnShape) -> Result<()> {
         let (k, v) = match (k, v) {
             (CpuKv::F16(k), CpuKv::F16(v)) => {
-                attention_split(q, k, v, out, n, pos0, s, self.isa.simd());
+                attention_split(&self.hot, q, k, v, out, n, pos0, s, self.isa.simd());
                 return Ok(());
             }
             (CpuKv::F32(k), CpuKv::F32(v)) => (k, v),
@@ -379,18 +383,25 @@ impl Backend for Cpu {
     }
 }
 
+thread_local! {
+    /// An attention task's scores, one buffer per thread.
+    static ATT_SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Tokens per attention task: their query rows share each K/V row load.
 const ATT_TOKENS: usize = 4;
 /// Keys per attention task (split-KV): long contexts spread over all threads.
 const ATT_KEYS: usize = 256;
 
-/// Fast causal attention. One task per (KV head, tile of tokens, chunk of keys): each K and V
-/// row is loaded once for every query head that shares it (GQA) and every token of the tile,
-/// and gives a partial softmax (max, sum, weighted values) that a second pass merges.
+/// Fast causal attention. One task per (tile of tokens, chunk of keys), its KV heads one after
+/// another (the chunk's K and V rows then stream from memory in order, every head's part of a
+/// line read once; the later heads find them in L2). Each K and V row is loaded once for
+/// every query head that shares it (GQA) and every token of the tile, and gives a partial
+/// softmax (max, sum, weighted values) that a second pass merges.
 /// Chunk boundaries are fixed positions and each query row's arithmetic does not depend on
 /// the other rows of its tile, so a token's result is the same in any batch.
 #[allow(clippy::too_many_arguments)]
-fn attention_split(q: &[f32], k: &[f16], v: &[f16], out: &mut [f32], n: usize, pos0: usize, s: AttnShape, simd: bool) {
+fn attention_split(hot: &HotPool, q: &[f32], k: &[f16], v: &[f16], out: &mut [f32], n: usize, pos0: usize, s: AttnShape, simd: bool) {
     let (hd, nh, nkv) = (s.head_dim, s.n_head, s.n_kv_head);
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -400,24 +411,32 @@ fn attention_split(q: &[f32], k: &[f16], v: &[f16], out: &mut [f32], n: usize, p
     let stride = hd + 2; // per row: max, sum, weighted values (hd)
     let mut part = vec![0f32; n_tiles * nkv * n_chunks * rows * stride];
     let ctx = AttnTask { q, k, v, pos0, n, s, n_chunks, scale };
-    part.par_chunks_mut(rows * stride).enumerate().for_each_init(
-        || vec![0f32; rows * ATT_KEYS],
-        |scores, (task, p)| {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is Isa::simd(): AVX2, FMA and F16C were detected.
-                return unsafe { attention_task_avx2(&ctx, task, p, scores) };
+    let task_len = nkv * rows * stride;
+    let parts = OutPtr(part.as_mut_ptr());
+    hot.run(part.len() / task_len, &|task| {
+        // SAFETY: task `task` alone writes its `task_len` values of `part`.
+        let p = unsafe { std::slice::from_raw_parts_mut({ parts }.0.add(task * task_len), task_len) };
+        ATT_SCORES.with_borrow_mut(|scores| {
+            scores.resize(rows * ATT_KEYS, 0.0);
+            for (g, p) in p.chunks_mut(rows * stride).enumerate() {
+                let task = task * nkv + g;
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd` is Isa::simd(): AVX2, FMA and F16C were detected.
+                    unsafe { attention_task_avx2(&ctx, task, p, scores) };
+                    continue;
+                }
+                attention_task::<false>(&ctx, task, p, scores)
             }
-            attention_task::<false>(&ctx, task, p, scores)
-        },
-    );
+        })
+    });
     // Merge each row's partials: rescale to the common max, then normalise.
     let merge = |(i, o): (usize, &mut [f32])| {
         let (t, h) = (i / nh, i % nh);
         let (g, hh) = (h / group, h % group);
         let tile = t / ATT_TOKENS;
         let r = (t - tile * ATT_TOKENS) * group + hh;
-        let at = |c: usize| ((((tile * nkv) + g) * n_chunks + c) * rows + r) * stride;
+        let at = |c: usize| ((((tile * n_chunks) + c) * nkv + g) * rows + r) * stride;
         let m = (0..n_chunks).map(|c| part[at(c)]).fold(f32::NEG_INFINITY, f32::max);
         o.fill(0.0);
         let mut sum = 0f32;
@@ -459,7 +478,7 @@ unsafe fn attention_task_avx2(c: &AttnTask, task: usize, p: &mut [f32], scores: 
     attention_task::<true>(c, task, p, scores)
 }
 
-/// One (KV head, token tile, key chunk) task of [`attention_split`]: fills `p` with each
+/// One (token tile, key chunk, KV head) task of [`attention_split`]: fills `p` with each
 /// query row's (max, sum, weighted values) over the chunk's visible keys.
 #[inline(always)]
 fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], scores: &mut [f32]) {
@@ -467,8 +486,8 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
     let (hd, kvd, nh, nkv) = (s.head_dim, s.kv_dim(), s.n_head, s.n_kv_head);
     let group = nh / nkv;
     let stride = hd + 2;
-    let ch = task % c.n_chunks;
-    let g = (task / c.n_chunks) % nkv;
+    let g = task % nkv;
+    let ch = (task / nkv) % c.n_chunks;
     let t0 = task / (c.n_chunks * nkv) * ATT_TOKENS;
     let t1 = (t0 + ATT_TOKENS).min(c.n);
     for r in 0..ATT_TOKENS * group {
@@ -499,13 +518,7 @@ fn attention_task<const FMA: bool>(c: &AttnTask, task: usize, p: &mut [f32], sco
         let len = end(t) - k0;
         for hh in 0..group {
             let r = row_of(t, hh);
-            let sc = &mut scores[r * ATT_KEYS..r * ATT_KEYS + len];
-            let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for x in sc.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x;
-            }
+            let (m, sum) = dot::softmax_numerators_h::<FMA>(&mut scores[r * ATT_KEYS..r * ATT_KEYS + len]);
             p[r * stride] = m;
             p[r * stride + 1] = sum;
         }

@@ -130,6 +130,53 @@ pub(crate) fn dot8_h<const FMA: bool>(a: &[f32], b: &[f16]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// exp(x) for the softmax, x <= 0: Cephes's expf (x = n ln2 + r, |r| <= ln2/2, a degree-7
+/// polynomial; within 2 ulp of libm's over the softmax's range, 1 ulp in most places), in
+/// separate multiplies and adds so that the AVX2 lanes give the same bits. Below -87 it
+/// returns exp(-87), 1.6e-38: next to the maximum's 1, nothing.
+#[inline(always)]
+pub(crate) fn exp_softmax(x: f32) -> f32 {
+    let x = x.max(EXP_MIN);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = x - n * LN2_HI;
+    let r = r - n * LN2_LO;
+    let mut y = EXP_P[0];
+    for c in &EXP_P[1..] {
+        y = y * r + c;
+    }
+    let y = y * (r * r) + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+const EXP_MIN: f32 = -87.0;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+
+/// A softmax's numerators in place, `x[i] = exp(x[i] - max)`, and (max, their sum). The sum
+/// takes eight lanes (element i into lane i % 8), then ((l0 + l4) + (l1 + l5)) + ((l2 + l6)
+/// + (l3 + l7)); `FMA` (AVX2) gives the same bits.
+#[inline(always)]
+pub(crate) fn softmax_numerators_h<const FMA: bool>(x: &mut [f32]) -> (f32, f32) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut lanes = [0f32; 8];
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA callers run with AVX2, FMA and F16C.
+        unsafe {
+            lanes = inline_avx2::exp_sub_sum(x, m);
+        }
+        i = x.len() / 8 * 8;
+    }
+    for (j, v) in x.iter_mut().enumerate().skip(i) {
+        *v = exp_softmax(*v - m);
+        lanes[j % 8] += *v;
+    }
+    let l = lanes;
+    (m, ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])))
+}
+
 /// y += alpha * x with f16 `x`, inlined; `FMA` as for [`dot8_h`].
 #[inline(always)]
 pub(crate) fn axpy8_h<const FMA: bool>(y: &mut [f32], alpha: f32, x: &[f16]) {
@@ -198,6 +245,16 @@ pub fn scores_f16_heads(out: &mut [f32], os: usize, q: &[f32], h: usize, rows: u
     scores_heads_h::<false>(out, os, q, h, rows, hd, k, stride, scale)
 }
 
+/// [`softmax_numerators_h`] with checked dispatch (for tests).
+pub fn softmax_numerators(x: &mut [f32], isa: Isa) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.simd() {
+        // SAFETY: an Isa above scalar exists only where AVX2, FMA and F16C were detected.
+        return unsafe { avx2::softmax_numerators(x) };
+    }
+    softmax_numerators_h::<false>(x)
+}
+
 /// [`weighted_sum_heads_h`] with checked dispatch (for tests).
 #[allow(clippy::too_many_arguments)]
 pub fn weighted_sum_f16_heads(y: &mut [f32], ys: usize, w: &[f32], ws: usize, h: usize, rows: usize, hd: usize, v: &[f16], stride: usize, isa: Isa) {
@@ -247,6 +304,21 @@ mod inline_avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
+    /// How many K/V rows ahead the attention loops prefetch.
+    const PREFETCH_ROWS: usize = 16;
+
+    /// Every cache line of the f16 row of `hd` values at `p` (a row of 64 spans two).
+    #[inline(always)]
+    unsafe fn prefetch_row(p: *const f16, hd: usize) {
+        let mut b = 0;
+        while b < hd * 2 {
+            _mm_prefetch((p as *const i8).wrapping_add(b), _MM_HINT_T0);
+            b += 64;
+        }
+        // A row that starts mid-line ends on one more.
+        _mm_prefetch((p as *const i8).wrapping_add(hd * 2 - 1), _MM_HINT_T0);
+    }
+
     #[inline(always)]
     unsafe fn load_h(p: *const f16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
@@ -289,7 +361,7 @@ mod inline_avx2 {
         let mut kr = [_mm256_setzero_ps(); 32];
         for j in 0..rows {
             let row = pk.add(j * stride);
-            _mm_prefetch(row.wrapping_add(8 * stride) as *const i8, _MM_HINT_T0);
+            prefetch_row(row.wrapping_add(PREFETCH_ROWS * stride), hd);
             for (i, r) in kr[..hd / 8].iter_mut().enumerate() {
                 *r = load_h(row.add(8 * i));
             }
@@ -329,7 +401,7 @@ mod inline_avx2 {
             for j in 0..rows {
                 let row = pv.add(j * stride + c);
                 if c == 0 {
-                    _mm_prefetch(row.wrapping_add(8 * stride) as *const i8, _MM_HINT_T0);
+                    prefetch_row(row.wrapping_add(PREFETCH_ROWS * stride), hd);
                 }
                 let mut vr = [_mm256_setzero_ps(); 4];
                 for (i, r) in vr[..regs].iter_mut().enumerate() {
@@ -348,6 +420,34 @@ mod inline_avx2 {
                 }
             }
         }
+    }
+
+    /// [`super::exp_softmax`] of `x[i] - m` in place over the whole 8-value chunks, summed
+    /// per lane.
+    #[inline(always)]
+    pub unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> [f32; 8] {
+        let p = x.as_mut_ptr();
+        let mv = _mm256_set1_ps(m);
+        let mut acc = _mm256_setzero_ps();
+        for c in 0..x.len() / 8 {
+            let v = _mm256_sub_ps(_mm256_loadu_ps(p.add(8 * c)), mv);
+            let v = _mm256_max_ps(v, _mm256_set1_ps(super::EXP_MIN));
+            let n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            let r = _mm256_sub_ps(v, _mm256_mul_ps(n, _mm256_set1_ps(super::LN2_HI)));
+            let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(super::LN2_LO)));
+            let mut y = _mm256_set1_ps(super::EXP_P[0]);
+            for c in &super::EXP_P[1..] {
+                y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(*c));
+            }
+            let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.0));
+            let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+            let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+            _mm256_storeu_ps(p.add(8 * c), y);
+            acc = _mm256_add_ps(acc, y);
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        out
     }
 
     #[inline(always)]
@@ -420,6 +520,11 @@ mod avx2 {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn scores_heads(out: &mut [f32], os: usize, q: &[f32], h: usize, rows: usize, hd: usize, k: &[f16], stride: usize, scale: f32) {
         super::scores_heads_h::<true>(out, os, q, h, rows, hd, k, stride, scale)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn softmax_numerators(x: &mut [f32]) -> (f32, f32) {
+        super::softmax_numerators_h::<true>(x)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

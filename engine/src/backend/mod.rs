@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod dot;
+mod hot;
 pub mod packed;
 pub mod wgpu;
 
