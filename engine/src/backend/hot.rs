@@ -106,6 +106,8 @@ impl HotPool {
         s.tasks.store(tasks, SeqCst);
         s.next.store(0, SeqCst);
         s.done.store(0, SeqCst);
+        // A worker's panic in a job whose caller panicked too was never reported.
+        s.panicked.store(false, SeqCst);
         s.open.store(true, SeqCst);
         s.generation.fetch_add(1, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
@@ -169,18 +171,22 @@ fn work(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
 }
 
 fn worker(s: &Shared) {
-    let mut seen = s.generation.load(SeqCst);
+    // The generation the pool was made with, not the one at this thread's start: a job or
+    // the stop may come before the thread first runs (a CLI that fails at once drops its
+    // backend within microseconds), and a worker that took that as its starting point
+    // would park waiting for a change that already happened.
+    let mut seen = 0;
     loop {
         // Spin for the next job, then park.
         let start = Instant::now();
         let mut spins = 0u32;
-        while s.generation.load(SeqCst) == seen {
+        while s.generation.load(SeqCst) == seen && !s.stop.load(SeqCst) {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins % 256 == 0 && start.elapsed() > SPIN {
                 let mut l = s.park.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, SeqCst);
-                while s.generation.load(SeqCst) == seen {
+                while s.generation.load(SeqCst) == seen && !s.stop.load(SeqCst) {
                     l = s.wake.wait(l).unwrap_or_else(|e| e.into_inner());
                 }
                 s.sleepers.fetch_sub(1, SeqCst);
@@ -241,6 +247,26 @@ mod tests {
                 });
             }
         });
+    }
+
+    /// A pool dropped at once, before its workers' threads have first run, still stops
+    /// (a worker that started from the generation it saw on its first run parked for ever:
+    /// a CLI error path hung in the join). Checked on a thread with a deadline, so a
+    /// regression fails instead of hanging the run.
+    #[test]
+    fn a_pool_dropped_before_its_workers_start_stops() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..2000 {
+                let pool = HotPool::new(2 + i % 3);
+                if i % 2 == 1 {
+                    pool.run(4, &|_| {});
+                }
+                drop(pool);
+            }
+            let _ = tx.send(());
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(120)).is_ok(), "a dropped pool's join hung");
     }
 
     /// A task's panic reaches the caller, wherever it ran, and the pool keeps working.
