@@ -69,12 +69,17 @@ impl HotPool {
             park: Mutex::new(()),
             wake: Condvar::new(),
         });
+        // The workers start from the generation here, not the one they see when their
+        // threads first run: a job or the stop may come before that (a CLI that fails at once
+        // drops its backend within microseconds), and a worker that started from it would
+        // park waiting for a change that already happened.
+        let first = shared.generation.load(SeqCst);
         let workers = (1..threads.max(1))
             .filter_map(|i| {
                 let s = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("flint-hot-{i}"))
-                    .spawn(move || worker(&s))
+                    .spawn(move || worker(&s, first))
                     .ok()
             })
             .collect();
@@ -170,23 +175,19 @@ fn work(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-fn worker(s: &Shared) {
-    // The generation the pool was made with, not the one at this thread's start: a job or
-    // the stop may come before the thread first runs (a CLI that fails at once drops its
-    // backend within microseconds), and a worker that took that as its starting point
-    // would park waiting for a change that already happened.
-    let mut seen = 0;
+/// `seen`: the generation when the pool was made.
+fn worker(s: &Shared, mut seen: usize) {
     loop {
         // Spin for the next job, then park.
         let start = Instant::now();
         let mut spins = 0u32;
-        while s.generation.load(SeqCst) == seen && !s.stop.load(SeqCst) {
+        while s.generation.load(SeqCst) == seen {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins % 256 == 0 && start.elapsed() > SPIN {
                 let mut l = s.park.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, SeqCst);
-                while s.generation.load(SeqCst) == seen && !s.stop.load(SeqCst) {
+                while s.generation.load(SeqCst) == seen {
                     l = s.wake.wait(l).unwrap_or_else(|e| e.into_inner());
                 }
                 s.sleepers.fetch_sub(1, SeqCst);
