@@ -156,27 +156,33 @@ impl<B: Backend> Model<B> {
                 w_down: get(&n("ffn_down"), &[c.n_ff, c.n_embd])?,
             });
         }
-        let factors = match g.tensor("rope_freqs.weight") {
-            None => None,
-            Some(t) => {
-                if t.dims != [c.rope_dims as u64 / 2] {
-                    bail!("rope_freqs.weight has shape {:?}, expected [{}]", t.dims, c.rope_dims / 2);
-                }
-                let mut f = vec![0f32; c.rope_dims / 2];
-                crate::quant::dequantize(t.ty, g.tensor_data(t), &mut f)?;
-                Some(f)
-            }
-        };
         Ok(Model {
             tok_embd: get("token_embd.weight", &[c.n_embd, c.n_vocab])?,
             output: if c.tied_embeddings { None } else { Some(get("output.weight", &[c.n_embd, c.n_vocab])?) },
             output_norm: get("output_norm.weight", &[c.n_embd])?,
-            rope: Rope::new(c.rope_dims, c.rope_base, factors.as_deref()),
+            rope: rope_of(g, c)?,
             layers,
             backend,
             cfg,
         })
     }
+}
+
+/// The model's RoPE frequencies: the base and dimensions of its metadata, divided by
+/// `rope_freqs.weight` where the model has one (Llama 3's long-context scaling).
+pub fn rope_of(g: &Gguf, c: &Config) -> Result<Rope> {
+    let factors = match g.tensor("rope_freqs.weight") {
+        None => None,
+        Some(t) => {
+            if t.dims != [c.rope_dims as u64 / 2] {
+                bail!("rope_freqs.weight has shape {:?}, expected [{}]", t.dims, c.rope_dims / 2);
+            }
+            let mut f = vec![0f32; c.rope_dims / 2];
+            crate::quant::dequantize(t.ty, g.tensor_data(t), &mut f)?;
+            Some(f)
+        }
+    };
+    Ok(Rope::new(c.rope_dims, c.rope_base, factors.as_deref()))
 }
 
 /// One conversation's state: the KV cache, indexed by position, and scratch buffers.

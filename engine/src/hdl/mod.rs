@@ -1,5 +1,7 @@
 //! The golden model of the HDL reference design (`hdl/`, docs/hdl.md): a Q8_0 GEMV whose
-//! result is defined to the bit, whatever the mesh shape or the order of the reduction.
+//! result is defined to the bit, whatever the mesh shape or the order of the reduction;
+//! `numerics` defines the rest of a decoder layer to the bit and `layer` runs whole models
+//! under that contract.
 //!
 //! Numeric contract. A Q8_0 block is 32 int8 values `q` and an f16 scale `d`. An f16 scale
 //! with sign `s`, exponent field `e` and fraction `f` is `(-1)^s * m * 2^(E - 25)` with
@@ -11,6 +13,9 @@
 //! it for any row length up to 2^16 blocks), rounded once to f32, to nearest, ties to even.
 //! Integer addition is associative, so partial sums may be formed and combined in any
 //! grouping and order: every mesh shape gives the same bits.
+
+pub mod layer;
+pub mod numerics;
 
 use crate::gguf::Gguf;
 use crate::quant::{dequantize, quantize, GgmlType};
