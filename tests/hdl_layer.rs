@@ -296,3 +296,54 @@ fn golden_model_decodes_as_the_cpu_reference() {
         }
     }
 }
+
+/// `flint hdl layer` writes one layer's vectors: here blk.1 for the token at position 5 in
+/// two terms, each file the library's trace (the same golden model, run here on the same
+/// context); bad requests are one-line errors.
+#[test]
+fn layer_vectors_from_the_command_line() {
+    let Some(path) = common::real_model("layer_vectors_from_the_command_line") else { return };
+    let dir = common::temp_dir("hdl-layer-cli");
+    let flint = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_flint")).args(["hdl", "layer", "--model", path.to_str().unwrap()]).args(args).output().unwrap();
+    let o = flint(&["--layer", "1", "--position", "5", "--terms", "2", "--text", "fn main() {}", "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let words = |name: &str| -> Vec<u32> { std::fs::read_to_string(dir.join(name)).unwrap().lines().map(|l| u32::from_str_radix(l, 16).unwrap()).collect() };
+    let l = Loaded::open(&path).unwrap();
+    let golden = Golden::load(&l.gguf, 2).unwrap();
+    let toks = l.tokenizer.encode("fn main() {}", false).unwrap();
+    let mut cache = golden.new_cache();
+    let mut last = None;
+    for p in 0..=5 {
+        let mut x = golden.embed(toks[p % toks.len()]).unwrap();
+        for li in 0..=1 {
+            let t = golden.layer(li, &x, &mut cache).unwrap();
+            x = t.x_out.clone();
+            last = Some(t);
+        }
+        cache.len += 1;
+    }
+    let t = last.unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(words("x_in.hex"), bits(&t.x_in));
+    assert_eq!(words("attn.hex"), bits(&t.attn));
+    assert_eq!(words("x_out.hex"), bits(&t.x_out));
+    assert_eq!(words("h.hex"), t.h.concat().iter().flat_map(|b| b.words()).collect::<Vec<_>>());
+    assert_eq!(words("k_cache.hex").len(), 6 * 2 * 6 * 9, "6 positions, 2 terms, 6 blocks of 9 words");
+    assert_eq!(words("meta.hex")[..9], [576, 9, 3, 64, 1536, 32, 1, 5, 2]);
+    for (args, needle) in [
+        (&["--layer", "30"][..], "the model has 30 layers"),
+        (&["--terms", "3"][..], "1 or 2 Q8_0 terms"),
+        (&["--position", "9000"][..], "--position 9000"),
+        (&["--text", ""][..], "no tokens"),
+    ] {
+        let o = flint(&[args, &["--out", dir.to_str().unwrap()]].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.trim_end().lines().count() == 1 && err.contains(needle) && !err.contains("panicked"), "{args:?}: {err:?}");
+    }
+    // A model whose heads are not whole blocks is refused, saying why.
+    let tiny = common::tiny_model(GgmlType::Q4_1, 512);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flint")).args(["hdl", "generate", "--model", tiny.to_str().unwrap(), "--prompt", "hi"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("multiples of 32"), "{err}");
+}

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use flint::sampler::SamplerConfig;
 use flint::{pull, synth, BackendKind, Loaded};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[path = "cli/chat.rs"]
 mod chat;
@@ -13,11 +13,14 @@ mod chat;
 mod edit;
 #[path = "cli/generate.rs"]
 mod generate;
+#[path = "cli/hdl.rs"]
+mod hdl;
 #[path = "cli/serve.rs"]
 mod serve;
 use chat::chat;
 use edit::{edit, EditArgs};
 use generate::{generate, report_timings, stream, GenerateArgs};
+use hdl::HdlCmd;
 use serve::{serve, ServeArgs};
 
 #[derive(Parser)]
@@ -158,31 +161,6 @@ struct ModelArgs {
     adapter: Option<String>,
 }
 
-#[derive(Subcommand)]
-enum HdlCmd {
-    /// Write a Q8_0 GEMV's memory files (weights, activations, expected outputs) and the unit
-    /// benches' cases for the HDL benches.
-    Vectors {
-        /// Take the weights from this GGUF (with --tensor; re-quantized to Q8_0 if needed).
-        #[arg(long, requires = "tensor")]
-        model: Option<PathBuf>,
-        /// A 2D tensor of --model, e.g. blk.0.attn_q.weight.
-        #[arg(long)]
-        tensor: Option<String>,
-        /// Random weights of ROWSxCOLS (COLS a multiple of 32) instead of a model's.
-        #[arg(long, conflicts_with = "tensor")]
-        synthetic: Option<String>,
-        /// Activations: this token's RMS-normalised embedding (needs --model); default random.
-        #[arg(long, requires = "model")]
-        token: Option<usize>,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-
 #[derive(Args)]
 struct SamplingArgs {
     /// 0 is greedy.
@@ -281,9 +259,7 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Chat { model, sampling, system, max_tokens, connect: None, .. } => chat(model, sampling, system, max_tokens)?,
         Cmd::Serve(a) => serve(a)?,
-        Cmd::Hdl { cmd: HdlCmd::Vectors { model, tensor, synthetic, token, seed, out } } => {
-            hdl_vectors(model, tensor, synthetic, token, seed, &out)?
-        }
+        Cmd::Hdl { cmd } => hdl::run(cmd)?,
         Cmd::Tokenize { model, special, text } => {
             let l = Loaded::open(&model_path(&model)?)?;
             let ids = l.tokenizer.encode(&text, special)?;
@@ -398,42 +374,6 @@ fn run(cmd: Cmd) -> Result<()> {
 fn runner(l: &Loaded, m: &ModelArgs, capacity: usize) -> Result<Box<dyn flint::model::Forward>> {
     l.runner_on(m.backend, capacity, m.adapter.as_deref())
 }
-
-fn hdl_vectors(
-    model: Option<PathBuf>,
-    tensor: Option<String>,
-    synthetic: Option<String>,
-    token: Option<usize>,
-    seed: u64,
-    out: &Path,
-) -> Result<()> {
-    use flint::hdl;
-    let g = model.as_ref().map(|p| flint::gguf::Gguf::open(p)).transpose()?;
-    let w = match (&g, tensor, synthetic) {
-        (Some(g), Some(t), None) => hdl::Matrix::from_gguf(g, &t)?,
-        (None, None, Some(shape)) => {
-            let parse = || -> Option<(usize, usize)> {
-                let (r, c) = shape.split_once('x')?;
-                Some((r.parse().ok()?, c.parse().ok()?))
-            };
-            let (rows, cols) = parse().filter(|&(r, c)| r > 0 && c > 0 && c % hdl::QK == 0).context("--synthetic ROWSxCOLS: COLS a multiple of 32")?;
-            hdl::Matrix::random(rows, cols / hdl::QK, seed)?
-        }
-        _ => bail!("give --model PATH --tensor NAME, or --synthetic ROWSxCOLS"),
-    };
-    let x = match (&g, token) {
-        (Some(g), Some(t)) => hdl::embedding_activation(g, t)?,
-        _ => hdl::quantize_q8(&hdl::uniform(w.nb * hdl::QK, seed ^ 0x5eed))?,
-    };
-    if x.len() != w.nb {
-        bail!("the activation has {} blocks; the matrix rows have {}", x.len(), w.nb);
-    }
-    let y = hdl::write_vectors(out, &w, &x, seed)?;
-    println!("{} rows x {} blocks ({} values per row) -> {} (first outputs: {:?})", w.rows, w.nb, w.nb * hdl::QK, out.display(), &y[..y.len().min(4)]);
-    Ok(())
-}
-
-
 
 fn info(path: &std::path::Path, all: bool) -> Result<()> {
     let g = flint::gguf::Gguf::open(path)?;
