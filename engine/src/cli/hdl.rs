@@ -169,6 +169,7 @@ fn write_layer(dir: &Path, golden: &Golden, layer: usize, position: usize, cache
     let meta = [c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.n_ff, golden.inv_freq.len(), layer, position, golden.terms];
     let mut meta: Vec<u32> = meta.iter().map(|&v| v as u32).collect();
     meta.push(c.eps.to_bits());
+    meta.push(hdl::numerics::score_scale(c.head_dim).to_bits());
     hex("meta.hex", &mut meta.into_iter())?;
     let l = &golden.layers[layer];
     hex("attn_norm.hex", &mut f32s(&l.attn_norm).into_iter())?;

@@ -201,7 +201,8 @@ fn write_hex(path: &Path, words: impl Iterator<Item = u32>) -> Result<()> {
 /// of unit cases below), `weights.hex`
 /// (row-major, 9 words per block), `acts.hex`, `expected.hex` (f32 bits per row), plus the
 /// unit benches' `terms.hex` (a weight block, an activation block, their 128-bit term) and
-/// `round.hex` (a 128-bit accumulator, its f32) on edge cases and random values.
+/// `round.hex` (a 128-bit accumulator, its f32) on edge cases and random values, and the
+/// floating-point bench's `fp_meta.hex` (the case count) and `fp.hex` (`numerics::fp_cases`).
 pub fn write_vectors(dir: &Path, w: &Matrix, x: &[Block], seed: u64) -> Result<Vec<f32>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let y = gemv(w, x)?;
@@ -217,6 +218,9 @@ pub fn write_vectors(dir: &Path, w: &Matrix, x: &[Block], seed: u64) -> Result<V
         pairs.iter().flat_map(|(a, b, t)| a.words().into_iter().chain(b.words()).chain(words128(*t))),
     )?;
     write_hex(&dir.join("round.hex"), accs.iter().flat_map(|&a| words128(a).chain([round_to_f32(a).to_bits()])))?;
+    let fp = numerics::fp_cases(seed);
+    write_hex(&dir.join("fp_meta.hex"), std::iter::once(fp.len() as u32))?;
+    write_hex(&dir.join("fp.hex"), fp.iter().flatten().copied())?;
     Ok(y)
 }
 

@@ -222,3 +222,70 @@ pub fn attention(q: &[Vec<Block>], k: &[Block], v: &[Block], terms: usize, len: 
     }
     Ok(out)
 }
+
+/// The floating-point unit bench's cases (`fp.hex`): `(op, a, b, expected)` with op 0 for
+/// `a * b`, 1 for `a + b`, 2 for `exp2(a)`, 3 for `a / b`, 4 for `sqrt(|a|)`, on the edges (signed zeros, subnormals in and
+/// out, the largest finite values and overflow, exact cancellation, ties) and random values:
+/// any finite bit pattern, and values of the layer's usual magnitudes.
+pub fn fp_cases(seed: u64) -> Vec<[u32; 4]> {
+    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let f = f32::from_bits;
+    let edges: Vec<f32> = vec![
+        0.0, -0.0, 1.0, -1.0, 1.5, 0.5, -0.5, 2.5, 3.0, f(1), f(2), f(0x007f_ffff), f(0x0080_0000), f(0x0080_0001), f32::MAX, -f32::MAX,
+        f(0x3f80_0001), f(0x3f7f_ffff), 1e-20, -3e-39, 65504.0, 1.0 / 3.0, 16_777_216.0, 16_777_217.0, 8_388_608.5, -125.0, -125.5, 126.0, 127.0, 200.0,
+    ];
+    let mut out = Vec::new();
+    let mut push = |op: u32, a: f32, b: f32| {
+        let want = match op {
+            0 => a * b,
+            1 => a + b,
+            2 => exp2(a),
+            3 => a / b,
+            _ => a.sqrt(),
+        };
+        out.push([op, a.to_bits(), b.to_bits(), want.to_bits()]);
+    };
+    for &a in &edges {
+        for &b in &edges {
+            push(0, a, b);
+            push(1, a, b);
+        }
+        push(1, a, -a);
+        push(2, a, 0.0);
+        push(4, a.abs(), 0.0);
+        for &b in edges.iter().filter(|b| **b != 0.0) {
+            push(3, a, b);
+        }
+    }
+    let finite = |x: u64| {
+        let b = x as u32;
+        if (b >> 23) & 255 == 255 { f(b & 0xff7f_ffff) } else { f(b) }
+    };
+    for _ in 0..2000 {
+        let (a, b) = (finite(next()), finite(next()));
+        push(0, a, b);
+        push(1, a, b);
+        // Nearby exponents: cancellation and carries.
+        let c = f((a.to_bits() & 0xff80_0000) | (next() as u32 & 0x007f_ffff));
+        push(1, a, -c);
+        let u = |x: u64| (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        let (x, y) = (u(next()) * 64.0, u(next()) * 4.0);
+        push(0, x, y);
+        push(1, x, y);
+        push(2, x * 2.2, 0.0);
+        push(2, u(next()) * 0.5, 0.0);
+        if b != 0.0 {
+            push(3, a, b);
+        }
+        push(4, a.abs(), 0.0);
+        push(3, 1.0, x.abs() + 1.0);
+        push(4, x.abs(), 0.0);
+    }
+    out
+}
