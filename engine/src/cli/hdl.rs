@@ -126,20 +126,7 @@ fn layer_vectors(model: &Path, layer: usize, position: usize, terms: usize, text
     if tokens.is_empty() {
         bail!("--text has no tokens");
     }
-    // Earlier positions: only the layers up to this one run (later layers never feed it).
-    let mut cache = golden.new_cache();
-    let mut trace = LayerTrace::default();
-    for p in 0..=position {
-        let mut x = golden.embed(tokens[p % tokens.len()])?;
-        for li in 0..=layer {
-            let t = golden.layer(li, &x, &mut cache)?;
-            x = t.x_out.clone();
-            if p == position && li == layer {
-                trace = t;
-            }
-        }
-        cache.len += 1;
-    }
+    let (trace, cache) = golden.trace_at(layer, &tokens, position)?;
     write_layer(out, &golden, layer, position, &cache, &trace)?;
     println!(
         "layer {layer}, position {position} ({} cached), {terms} term(s) -> {} (first outputs: {:?})",

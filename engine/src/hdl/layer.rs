@@ -3,7 +3,7 @@
 //! `numerics` defines them, and a KV cache of Q8_0 blocks.
 
 use super::numerics::{self, Heads};
-use super::{f16_parts, quantize_q8, round_to_f32, Block, QK};
+use super::{quantize_q8, round_to_f32, scaled_term, Block, QK};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::model::Config;
 use crate::quant::{dequantize, quantize, GgmlType};
@@ -86,14 +86,6 @@ fn nibbles(b: &[u8], offset: i8) -> [i8; QK] {
     qs
 }
 
-/// `T(p; d1, d2)`: the exact value of `p * d1 * d2` in units of 2^-48 (the GEMV's term).
-fn term(p: i64, d1: u16, d2: u16) -> Result<i128> {
-    let (s1, m1, e1) = f16_parts(d1)?;
-    let (s2, m2, e2) = f16_parts(d2)?;
-    let mag = (p.unsigned_abs() as u128 * m1 as u128 * m2 as u128) << (e1 + e2 - 2);
-    Ok(if (p < 0) ^ s1 ^ s2 { -(mag as i128) } else { mag as i128 })
-}
-
 /// The golden GEMV over weights of any [`WBlock`] type: `y[r] = round_f32(sum of terms)`.
 pub fn gemv_w(w: &WMatrix, x: &[Block]) -> Result<Vec<f32>> {
     gemv_sum(w, &[x])
@@ -113,9 +105,9 @@ pub fn gemv_sum(w: &WMatrix, xs: &[&[Block]]) -> Result<Vec<f32>> {
             for (x, sums) in xs.iter().zip(&sums) {
                 for ((b, a), &sa) in row.iter().zip(x.iter()).zip(sums) {
                     let p: i32 = b.qs.iter().zip(&a.qs).map(|(&x, &y)| x as i32 * y as i32).sum();
-                    acc += term(p as i64, b.d, a.d)?;
+                    acc += scaled_term(p as i64, b.d, a.d)?;
                     if b.m & 0x7fff != 0 {
-                        acc += term(sa, b.m, a.d)?;
+                        acc += scaled_term(sa, b.m, a.d)?;
                     }
                 }
             }
@@ -318,6 +310,29 @@ impl Golden {
         t.x_out = t.x_mid.clone();
         numerics::add(&mut t.x_out, &t.down);
         Ok(t)
+    }
+
+    /// Layer `layer`'s trace for the token at `position`, the positions before it holding
+    /// `tokens` in a cycle. Only the layers up to `layer` run (later ones never feed it).
+    /// Returns the trace and that layer's cache after the token.
+    pub fn trace_at(&self, layer: usize, tokens: &[u32], position: usize) -> Result<(LayerTrace, GoldenCache)> {
+        if layer >= self.cfg.n_layer || tokens.is_empty() {
+            bail!("layer {layer} of {} over {} tokens", self.cfg.n_layer, tokens.len());
+        }
+        let mut cache = self.new_cache();
+        for p in 0..=position {
+            let mut x = self.embed(tokens[p % tokens.len()])?;
+            for li in 0..=layer {
+                let t = self.layer(li, &x, &mut cache)?;
+                if p == position && li == layer {
+                    cache.len += 1;
+                    return Ok((t, cache));
+                }
+                x = t.x_out;
+            }
+            cache.len += 1;
+        }
+        unreachable!("the loop returns at its last position")
     }
 
     /// One decode step: the token at position `cache.len` through every layer, then the

@@ -69,11 +69,27 @@ pub fn f16_parts(bits: u16) -> Result<(bool, u64, u32)> {
 /// The exact integer product of two blocks, in units of 2^-48.
 pub fn block_term(w: &Block, a: &Block) -> Result<i128> {
     let p: i64 = w.qs.iter().zip(&a.qs).map(|(&x, &y)| x as i64 * y as i64).sum();
-    let (sw, mw, ew) = f16_parts(w.d)?;
-    let (sa, ma, ea) = f16_parts(a.d)?;
-    let mag = (p.unsigned_abs() as u128 * mw as u128 * ma as u128) << (ew + ea - 2);
-    let neg = (p < 0) ^ sw ^ sa;
-    Ok(if neg { -(mag as i128) } else { mag as i128 })
+    scaled_term(p, w.d, a.d)
+}
+
+/// `T(p; d1, d2)`: the exact value of the integer `p` times two f16 scales, in units of
+/// 2^-48: `±(|p| * m1 * m2) << (E1 + E2 - 2)`.
+pub fn scaled_term(p: i64, d1: u16, d2: u16) -> Result<i128> {
+    let (s1, m1, e1) = f16_parts(d1)?;
+    let (s2, m2, e2) = f16_parts(d2)?;
+    let mag = (p.unsigned_abs() as u128 * m1 as u128 * m2 as u128) << (e1 + e2 - 2);
+    Ok(if (p < 0) ^ s1 ^ s2 { -(mag as i128) } else { mag as i128 })
+}
+
+/// The benches' pseudo-random words (xorshift64, never zero), from a seed.
+pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    }
 }
 
 /// `acc * 2^-48` rounded to the nearest f32, ties to even (+0 for 0). The accumulator's
@@ -228,13 +244,7 @@ pub fn write_vectors(dir: &Path, w: &Matrix, x: &[Block], seed: u64) -> Result<V
 /// negative, zero, subnormal and largest scales, and random ones.
 #[allow(clippy::type_complexity)]
 pub fn unit_cases(seed: u64) -> Result<(Vec<(Block, Block, i128)>, Vec<i128>)> {
-    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(seed);
     let scales: [u16; 8] = [0x3c00, 0xbc00, 0x0001, 0x03ff, 0x0400, 0x7bff, 0xfbff, 0x0000];
     let mut blocks = Vec::new();
     for &d in &scales {

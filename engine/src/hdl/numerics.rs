@@ -228,13 +228,7 @@ pub fn attention(q: &[Vec<Block>], k: &[Block], v: &[Block], terms: usize, len: 
 /// out, the largest finite values and overflow, exact cancellation, ties) and random values:
 /// any finite bit pattern, and values of the layer's usual magnitudes.
 pub fn fp_cases(seed: u64) -> Vec<[u32; 4]> {
-    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = super::xorshift(seed);
     let f = f32::from_bits;
     let edges: Vec<f32> = vec![
         0.0, -0.0, 1.0, -1.0, 1.5, 0.5, -0.5, 2.5, 3.0, f(1), f(2), f(0x007f_ffff), f(0x0080_0000), f(0x0080_0001), f32::MAX, -f32::MAX,
