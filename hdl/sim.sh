@@ -10,17 +10,26 @@ mkdir -p "$B"
 for s in ${SIMS:-verilator iverilog}; do
   out=$B/$name.$s.log
   if [ "$s" = verilator ]; then
+    # One build per bench and parameters, reused by every case run with them.
     gflags=(); for p in $params; do gflags+=("-G$p"); done
-    verilator --binary -j 2 -Wno-fatal -Wno-lint -Wno-style -Wno-WIDTH -Irtl --top-module "$top" \
-      "${gflags[@]}" $sources -Mdir "$B/obj-$name" > "$B/build-$name.log" 2>&1 || { cat "$B/build-$name.log"; exit 1; }
-    (cd "$vec" && "$B/obj-$name/V$top" "$@") > "$out" 2>&1 || true
+    obj=$B/obj-$top${params:+-${params// /-}}
+    obj=${obj//=/}
+    if [ ! -x "$obj/V$top" ] || [ -n "$(find $sources rtl -newer "$obj/V$top" 2>/dev/null | head -1)" ]; then
+      verilator --binary -j 2 -Wno-fatal -Wno-lint -Wno-style -Wno-WIDTH -Irtl --top-module "$top" \
+        "${gflags[@]}" $sources -Mdir "$obj" > "$B/build-$name.log" 2>&1 || { cat "$B/build-$name.log"; exit 1; }
+    fi
+    (cd "$vec" && "$obj/V$top" "$@") > "$out" 2>&1 || true
   else
     pflags=(); for p in $params; do pflags+=("-P$top.$p"); done
-    iverilog -g2005 -Irtl -s "$top" "${pflags[@]}" -o "$B/$name.vvp" $sources
-    (cd "$vec" && vvp -n "$B/$name.vvp" "$@") > "$out" 2>&1 || true
+    vvp=$B/$top${params:+-${params// /-}}.vvp
+    vvp=${vvp//=/}
+    if [ ! -f "$vvp" ] || [ -n "$(find $sources rtl -newer "$vvp" 2>/dev/null | head -1)" ]; then
+      iverilog -g2005 -Irtl -s "$top" "${pflags[@]}" -o "$vvp" $sources
+    fi
+    (cd "$vec" && vvp -n "$vvp" "$@") > "$out" 2>&1 || true
   fi
   if grep -q '^PASS' "$out" && ! grep -q '^FAIL' "$out"; then
-    echo "PASS $name [$s] $(grep -E '^(mesh|fifo|router|numeric|fp|layer)' "$out" | head -1)"
+    echo "PASS $name [$s] $(grep -E '^(mesh|fifo|router|numeric|fp|layer|units)' "$out" | head -1)"
   else
     cat "$out"
     echo "FAIL $name [$s]"

@@ -53,6 +53,10 @@ pub enum HdlCmd {
         #[arg(long, default_value_t = 1)]
         terms: usize,
         /// The context's text (tokenized without a template; cycled to fill the positions).
+        /// The layer's input at --position: the model's (real), a zero vector (zero), or the
+        /// model's scaled by a power of two to just under 2^31 in magnitude (large).
+        #[arg(long, value_enum, default_value_t = LayerInput::Real)]
+        input: LayerInput,
         #[arg(long, default_value = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n")]
         text: String,
         #[arg(long)]
@@ -75,10 +79,17 @@ pub enum HdlCmd {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayerInput {
+    Real,
+    Zero,
+    Large,
+}
+
 pub fn run(cmd: HdlCmd) -> Result<()> {
     match cmd {
         HdlCmd::Vectors { model, tensor, synthetic, token, seed, out } => vectors(model, tensor, synthetic, token, seed, &out),
-        HdlCmd::Layer { model, layer, position, terms, text, out } => layer_vectors(&model_path(&model)?, layer, position, terms, &text, &out),
+        HdlCmd::Layer { model, layer, position, terms, input, text, out } => layer_vectors(&model_path(&model)?, layer, position, terms, input, &text, &out),
         HdlCmd::Generate { model, prompt, max_tokens, terms } => generate(&model_path(&model)?, &prompt, max_tokens, terms),
     }
 }
@@ -112,7 +123,7 @@ fn vectors(model: Option<PathBuf>, tensor: Option<String>, synthetic: Option<Str
 /// The most positions `flint hdl layer` fills (each runs the whole model up to the layer).
 const MAX_POSITION: usize = 1 << 16;
 
-fn layer_vectors(model: &Path, layer: usize, position: usize, terms: usize, text: &str, out: &Path) -> Result<()> {
+fn layer_vectors(model: &Path, layer: usize, position: usize, terms: usize, input: LayerInput, text: &str, out: &Path) -> Result<()> {
     let l = Loaded::open(model)?;
     let golden = Golden::load(&l.gguf, terms)?;
     let c = &golden.cfg;
@@ -126,7 +137,16 @@ fn layer_vectors(model: &Path, layer: usize, position: usize, terms: usize, text
     if tokens.is_empty() {
         bail!("--text has no tokens");
     }
-    let (trace, cache) = golden.trace_at(layer, &tokens, position)?;
+    let (trace, cache) = golden.trace_at_input(layer, &tokens, position, |x| match input {
+        LayerInput::Real => x,
+        LayerInput::Zero => vec![0.0; x.len()],
+        LayerInput::Large => {
+            // 2^k * x with max |x| in [2^30, 2^31): the norm's squares near its 2^32 limit.
+            let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let k = if max > 0.0 { 30 - max.log2().floor() as i32 } else { 0 };
+            x.iter().map(|v| v * 2f32.powi(k)).collect()
+        }
+    })?;
     write_layer(out, &golden, layer, position, &cache, &trace)?;
     println!(
         "layer {layer}, position {position} ({} cached), {terms} term(s) -> {} (first outputs: {:?})",
@@ -166,7 +186,8 @@ fn write_layer(dir: &Path, golden: &Golden, layer: usize, position: usize, cache
     for (name, v) in [("x_in", &t.x_in), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("attn", &t.attn), ("o", &t.o), ("x_mid", &t.x_mid), ("gate", &t.gate), ("up", &t.up), ("down", &t.down), ("x_out", &t.x_out)] {
         hex(&format!("{name}.hex"), &mut f32s(v).into_iter())?;
     }
-    for (name, v) in [("attn_in", &t.attn_in), ("q_rope", &t.q_rope), ("k_rope", &t.k_rope), ("v_q8", &t.v_q8), ("ffn_in", &t.ffn_in), ("h", &t.h)] {
+    let attn_q8 = flint::hdl::layer::quantize_terms(&t.attn, golden.terms)?;
+    for (name, v) in [("attn_q8", &attn_q8), ("attn_in", &t.attn_in), ("q_rope", &t.q_rope), ("k_rope", &t.k_rope), ("v_q8", &t.v_q8), ("ffn_in", &t.ffn_in), ("h", &t.h)] {
         hex(&format!("{name}.hex"), &mut terms(v).into_iter())?;
     }
     hex("k_cache.hex", &mut blocks(&cache.k[layer]).into_iter())?;

@@ -316,6 +316,12 @@ impl Golden {
     /// `tokens` in a cycle. Only the layers up to `layer` run (later ones never feed it).
     /// Returns the trace and that layer's cache after the token.
     pub fn trace_at(&self, layer: usize, tokens: &[u32], position: usize) -> Result<(LayerTrace, GoldenCache)> {
+        self.trace_at_input(layer, tokens, position, |x| x)
+    }
+
+    /// `trace_at`, with the layer's input at `position` replaced by `input(x)` (the benches'
+    /// edge cases: a zero vector, values at the contract's limit).
+    pub fn trace_at_input(&self, layer: usize, tokens: &[u32], position: usize, input: impl Fn(Vec<f32>) -> Vec<f32>) -> Result<(LayerTrace, GoldenCache)> {
         if layer >= self.cfg.n_layer || tokens.is_empty() {
             bail!("layer {layer} of {} over {} tokens", self.cfg.n_layer, tokens.len());
         }
@@ -323,6 +329,9 @@ impl Golden {
         for p in 0..=position {
             let mut x = self.embed(tokens[p % tokens.len()])?;
             for li in 0..=layer {
+                if p == position && li == layer {
+                    x = input(x);
+                }
                 let t = self.layer(li, &x, &mut cache)?;
                 if p == position && li == layer {
                     cache.len += 1;
