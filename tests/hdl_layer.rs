@@ -319,6 +319,17 @@ fn layer_vectors_from_the_command_line() {
     assert_eq!(words("h.hex"), t.h.concat().iter().flat_map(|b| b.words()).collect::<Vec<_>>());
     assert_eq!(words("k_cache.hex").len(), 6 * 2 * 6 * 9, "6 positions, 2 terms, 6 blocks of 9 words");
     assert_eq!(words("meta.hex")[..9], [576, 9, 3, 64, 1536, 32, 1, 5, 2]);
+    let attn_q8 = flint::hdl::layer::quantize_terms(&t.attn, 2).unwrap();
+    assert_eq!(words("attn_q8.hex"), attn_q8.concat().iter().flat_map(|b| b.words()).collect::<Vec<_>>(), "the O GEMV's input");
+    // The edge-case inputs: a zero vector (every 8-bit vector after the norm is zero blocks),
+    // and the model's input scaled to just under 2^31.
+    let o = flint(&["--layer", "1", "--position", "2", "--input", "zero", "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(words("x_in.hex").iter().all(|&w| w == 0) && words("attn_in.hex").iter().all(|&w| w == 0));
+    let o = flint(&["--layer", "1", "--position", "2", "--input", "large", "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let max = words("x_in.hex").iter().map(|&w| f32::from_bits(w).abs()).fold(0f32, f32::max);
+    assert!((2f32.powi(30)..2f32.powi(31)).contains(&max), "largest input {max}");
     for (args, needle) in [
         (&["--layer", "30"][..], "the model has 30 layers"),
         (&["--terms", "3"][..], "1 or 2 Q8_0 terms"),
