@@ -28,41 +28,86 @@ module flint_q8s (
     `include "flint_numeric.vh"
     `include "flint_fp.vh"
     `include "flint_layer.vh"
-    reg [1023:0] xb;   // the block being filled, value i at bits 32i
-    reg [4:0] k;       // values in it
-    reg [575:0] ob;    // the last full block's words: term 0's 9, then term 1's
-    reg [4:0] on, oi;  // words of ob still to send, and the next one
-    wire pass = terms == 2'd0;
-    wire obusy = on != 0;
-    // The 32nd value waits until ob is free: the block's 9 or 18 words go out while the
-    // next 31 values come in.
-    assign in_ready = pass ? out_ready : (k != 5'd31 || !obusy);
-    assign out_valid = pass ? in_valid : obusy;
-    assign out_data = pass ? in_data : ob[oi*32 +: 32];
-    assign idle = k == 0 && !obusy;
-
+    // Filling: the next block's values and their largest magnitude so far.
     reg [1023:0] xf;
-    reg [287:0] b0;
+    reg [4:0] k;
+    reg [30:0] amax;
+    // Sending: a full block (term 0's values, then the residuals for term 1), its d and 1/d,
+    // the word (0-7: four values each, 8: the scale), and the residuals being formed.
+    reg [1023:0] xe, xr;
+    reg [31:0] d, id;
+    reg [30:0] ramax;
+    reg busy, t1;
+    reg [3:0] wi;
+    wire pass = terms == 2'd0;
+    // The 32nd value waits until the last block is out: its words go out while the next 31
+    // values come in.
+    assign in_ready = pass ? out_ready : (k != 5'd31 || !busy);
+    wire fill_done = !pass && in_valid && in_ready && k == 5'd31;
+    assign idle = k == 0 && !busy;
+
+    // One scale step, shared by a new block and a block's second term: d = amax / 127,
+    // id = 1 / d (0 for d = 0).
+    wire [30:0] amax_new = (in_data[30:0] > amax) ? in_data[30:0] : amax;
+    wire [31:0] d_next = fp_div({1'b0, fill_done ? amax_new : ramax}, FP_127);
+    wire [31:0] id_next = (d_next == 0) ? 32'd0 : fp_div(FP_ONE, d_next);
+
+    // Word wi's four values, quantized, and what they leave for term 1 (x - d16 * q, d16 the
+    // scale as the block stores it).
+    wire [31:0] d16 = fp_from_f16(fp_to_f16(d));
+    reg [31:0] qword;
+    reg [127:0] rword;
+    reg [30:0] ramax_next;
+    reg [7:0] qv, qa;
+    integer l;
+    always @* begin
+        ramax_next = ramax;
+        for (l = 0; l < 4; l = l + 1) begin
+            qv = fp_round_i8(fp_mul(xe[32*(4*wi + l) +: 32], id));
+            qa = qv[7] ? -qv : qv;
+            qword[8*l +: 8] = qv;
+            rword[32*l +: 32] = fp_add(xe[32*(4*wi + l) +: 32], fp_neg(fp_mul(d16, fp_pack(qv[7], {56'd0, qa}, 0))));
+            if (rword[32*l +: 31] > ramax_next) ramax_next = rword[32*l +: 31];
+        end
+    end
+    assign out_valid = pass ? in_valid : busy;
+    assign out_data = pass ? in_data : (wi == 4'd8 ? {16'd0, fp_to_f16(d)} : qword);
+
     always @(posedge clk) begin
         if (rst) begin
             k <= 0;
-            on <= 0;
-            oi <= 0;
+            amax <= 0;
+            busy <= 1'b0;
         end else begin
-            if (obusy && out_ready) begin
-                on <= on - 1'b1;
-                oi <= oi + 1'b1;
+            if (busy && out_ready) begin
+                if (wi != 4'd8) begin
+                    xr[128*wi +: 128] <= rword;
+                    ramax <= ramax_next;
+                    wi <= wi + 1'b1;
+                end else if (!t1 && terms == 2'd2) begin
+                    // Term 1: the residuals, with their own scale.
+                    xe <= xr;
+                    d <= d_next;
+                    id <= id_next;
+                    t1 <= 1'b1;
+                    wi <= 0;
+                end else begin
+                    busy <= 1'b0;
+                end
             end
             if (!pass && in_valid && in_ready) begin
-                if (k == 5'd31) begin
-                    xf = xb;
-                    xf[32*31 +: 32] = in_data;
-                    b0 = q8_block(xf);
-                    ob <= {terms == 2'd2 ? q8_block(q8_residual(xf, b0)) : 288'd0, b0};
-                    on <= terms == 2'd2 ? 5'd18 : 5'd9;
-                    oi <= 0;
+                if (fill_done) begin
+                    xe <= {in_data, xf[991:0]};
+                    d <= d_next;
+                    id <= id_next;
+                    busy <= 1'b1;
+                    t1 <= 1'b0;
+                    wi <= 0;
+                    ramax <= 0;
+                    amax <= 0;
                 end else begin
-                    xb[32*k +: 32] <= in_data;
+                    xf[32*k +: 32] <= in_data;
+                    amax <= amax_new;
                 end
                 k <= k + 1'b1;
             end
