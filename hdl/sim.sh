@@ -29,7 +29,7 @@ for s in ${SIMS:-verilator iverilog}; do
     (cd "$vec" && vvp -n "$vvp" "$@") > "$out" 2>&1 || true
   fi
   if grep -q '^PASS' "$out" && ! grep -q '^FAIL' "$out"; then
-    echo "PASS $name [$s] $(grep -E '^(mesh|fifo|router|numeric|fp|layer|units)' "$out" | head -1)"
+    echo "PASS $name [$s] $(grep -E '^(mesh|fifo|router|numeric|fp|units)' "$out" | head -1)"
   else
     cat "$out"
     echo "FAIL $name [$s]"

@@ -5,7 +5,7 @@
 mod common;
 
 use flint::generate::Request;
-use flint::hdl::layer::{gemv_w, quantize_terms, Golden, WMatrix};
+use flint::hdl::layer::{gemv_w, quantize_terms, Golden, WBlock, WMatrix};
 use flint::hdl::numerics::{self, Heads, EXP2_P};
 use flint::hdl::{self, Block, Matrix, QK};
 use flint::quant::{dequantize, quantize, GgmlType};
@@ -346,4 +346,47 @@ fn layer_vectors_from_the_command_line() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_flint")).args(["hdl", "generate", "--model", tiny.to_str().unwrap(), "--prompt", "hi"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(1) && err.contains("multiples of 32"), "{err}");
+}
+
+/// `flint hdl vectors --as-stored` writes the model's Q4_1 weights in the mesh's 5-word
+/// format (type word 1 in meta.hex) and the layer contract's GEMV as the expected outputs:
+/// decoding the words gives back the tensor's blocks, and their GEMV the expected bits.
+#[test]
+fn stored_q4_1_vectors_for_the_mesh() {
+    let Some(path) = common::real_model("stored_q4_1_vectors_for_the_mesh") else { return };
+    let dir = common::temp_dir("hdl-q41-vec");
+    let flint = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_flint")).args(["hdl", "vectors", "--model", path.to_str().unwrap()]).args(args).output().unwrap();
+    let o = flint(&["--tensor", "blk.2.attn_k.weight", "--as-stored", "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let words = |name: &str| -> Vec<u32> { std::fs::read_to_string(dir.join(name)).unwrap().lines().map(|l| u32::from_str_radix(l, 16).unwrap()).collect() };
+    let meta = words("meta.hex");
+    assert_eq!((meta[0], meta[1], meta[4]), (192, 18, 1), "192 rows of 18 Q4_1 blocks");
+    let blocks: Vec<WBlock> = words("weights.hex")
+        .chunks_exact(5)
+        .map(|c| {
+            let mut qs = [0i8; 32];
+            for (i, q) in qs.iter_mut().enumerate() {
+                *q = ((c[i / 8] >> (4 * (i % 8))) & 15) as i8;
+            }
+            WBlock { d: c[4] as u16, m: (c[4] >> 16) as u16, qs }
+        })
+        .collect();
+    let l = Loaded::open(&path).unwrap();
+    let stored = WMatrix::from_tensor(&l.gguf, l.gguf.tensor("blk.2.attn_k.weight").unwrap()).unwrap();
+    assert!(blocks == stored.blocks, "the words decode to the tensor's own blocks");
+    let acts: Vec<Block> = words("acts.hex")
+        .chunks_exact(9)
+        .map(|c| {
+            let mut qs = [0i8; 32];
+            for (i, q) in qs.iter_mut().enumerate() {
+                *q = (c[i / 4] >> (8 * (i % 4))) as u8 as i8;
+            }
+            Block { d: c[8] as u16, qs }
+        })
+        .collect();
+    let y: Vec<u32> = gemv_w(&stored, &acts).unwrap().iter().map(|v| v.to_bits()).collect();
+    assert_eq!(y, words("expected.hex"));
+    let o = flint(&["--tensor", "blk.2.nope.weight", "--as-stored", "--out", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("is not in") && !err.contains("panicked"), "{err}");
 }

@@ -16,11 +16,11 @@ module tb_mesh;
     always #1 clk = ~clk;
     reg rst = 1;
 
-    reg [31:0] meta [0:3];
-    reg [31:0] W [0:131071];
+    reg [31:0] meta [0:4];
+    reg [31:0] W [0:524287];
     reg [31:0] A [0:16383];
     reg [31:0] Y [0:16383];
-    integer M, NB, seed, stall_pct, errors, cycles, t0;
+    integer M, NB, BW, seed, stall_pct, errors, cycles, t0;
 
     reg go = 0, ld_we = 0, cfg_we = 0;
     reg [15:0] ld_pe = 0, cfg_pe = 0;
@@ -72,12 +72,13 @@ module tb_mesh;
         $readmemh("meta.hex", meta);
         M = meta[0];
         NB = meta[1];
-        $readmemh("weights.hex", W, 0, M * NB * 9 - 1);
+        BW = meta[4] == 1 ? 5 : 9; // words a weight block: Q4_1 or Q8_0
+        $readmemh("weights.hex", W, 0, M * NB * BW - 1);
         $readmemh("acts.hex", A, 0, NB * 9 - 1);
         $readmemh("expected.hex", Y, 0, M - 1);
         if (!$value$plusargs("seed=%d", seed)) seed = 1;
         if (!$value$plusargs("stall=%d", stall_pct)) stall_pct = 0;
-        if ((M + R - 1) / R > (1 << ROWS_AW) || ((M + R - 1) / R) * ((NB + C - 1) / C) * 9 > (1 << MEM_AW)) begin
+        if ((M + R - 1) / R > (1 << ROWS_AW) || ((M + R - 1) / R) * ((NB + C - 1) / C) * BW > (1 << MEM_AW)) begin
             $display("FAIL: a %0d x %0d-block matrix does not fit a %0dx%0d mesh of this size", M, NB, R, C);
             $finish;
         end
@@ -90,18 +91,18 @@ module tb_mesh;
                 nbl = bs(c + 1) - bs(c);
                 for (i = 0; i < nr; i = i + 1)
                     for (j = 0; j < nbl; j = j + 1)
-                        for (k = 0; k < 9; k = k + 1) begin
+                        for (k = 0; k < BW; k = k + 1) begin
                             @(negedge clk);
                             ld_we = 1;
                             ld_pe = r * C + c;
-                            ld_addr = (i * nbl + j) * 9 + k;
-                            ld_data = W[((rs(r) + i) * NB + bs(c) + j) * 9 + k];
+                            ld_addr = (i * nbl + j) * BW + k;
+                            ld_data = W[((rs(r) + i) * NB + bs(c) + j) * BW + k];
                         end
                 @(negedge clk);
                 ld_we = 0;
                 cfg(r * C + c, 0, nr);
                 cfg(r * C + c, 1, nbl);
-                cfg(r * C + c, 2, (c == 0 ? 1 : 0) | (c == C - 1 ? 2 : 0));
+                cfg(r * C + c, 2, (c == 0 ? 1 : 0) | (c == C - 1 ? 2 : 0) | (BW == 5 ? 4 : 0));
                 // Colour 0 (activations): north -> south and local (local only in the last row).
                 route0 = (r == R - 1) ? 32'b10000 : 32'b10100;
                 cfg(r * C + c, 3, route0);
@@ -174,8 +175,8 @@ module tb_mesh;
                 repeat (4) @(posedge clk);
                 // Router output links: directed links between PEs plus the east edge's.
                 links = 2 * (R * (C - 1) + C * (R - 1)) + R;
-                $display("mesh %0dx%0d gemv %0dx%0d: cycles %0d, mac cycles %0d (PE utilization %0.3f), flits c0 %0d c1 %0d c2 %0d (link utilization %0.4f %0.4f %0.4f), stall cycles %0d",
-                    R, C, M, NB * 32, tot_cycles, tot_mac, tot_mac * 1.0 / (tot_cycles * R * C),
+                $display("mesh %0dx%0d gemv %0dx%0d (%0s weights): cycles %0d, mac cycles %0d (PE utilization %0.3f), flits c0 %0d c1 %0d c2 %0d (link utilization %0.4f %0.4f %0.4f), stall cycles %0d",
+                    R, C, M, NB * 32, BW == 5 ? "Q4_1" : "Q8_0", tot_cycles, tot_mac, tot_mac * 1.0 / (tot_cycles * R * C),
                     tot_xfer[31:0], tot_xfer[63:32], tot_xfer[95:64],
                     tot_xfer[31:0] * 1.0 / (links * tot_cycles), tot_xfer[63:32] * 1.0 / (links * tot_cycles), tot_xfer[95:64] * 1.0 / (links * tot_cycles),
                     tot_stall);

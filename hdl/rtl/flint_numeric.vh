@@ -71,3 +71,21 @@ function signed [17:0] dot4;
              + $signed(a[23:16]) * $signed(b[23:16]) + $signed(a[31:24]) * $signed(b[31:24]);
     end
 endfunction
+
+// Sum of eight nibble x int8 products: word w's eight unsigned nibbles (element j at bits
+// 4j) against two activation words (elements 0-3, then 4-7).
+function signed [17:0] dot8n;
+    input [31:0] w;
+    input [31:0] a0;
+    input [31:0] a1;
+    integer j;
+    reg [63:0] a;
+    reg signed [17:0] s;
+    begin
+        a = {a1, a0};
+        s = 0;
+        for (j = 0; j < 8; j = j + 1)
+            s = s + $signed({1'b0, w[4*j +: 4]}) * $signed(a[8*j +: 8]);
+        dot8n = s;
+    end
+endfunction

@@ -11,7 +11,8 @@ module flint_pe #(
     input  wire              ld_we,
     input  wire [MEM_AW-1:0] ld_addr,
     input  wire [31:0]       ld_data,
-    // Configuration: sel 0 rows, 1 blocks, 2 flags (bit 0 first, bit 1 last), 3 + c: the
+    // Configuration: sel 0 rows, 1 blocks, 2 flags (bit 0 first, bit 1 last, bit 2 Q4_1
+    // weights), 3 + c: the
     // 25-bit route of colour c (input port p's output mask in bits 5p..5p+4).
     input  wire              cfg_we,
     input  wire [3:0]        cfg_sel,
@@ -33,7 +34,7 @@ module flint_pe #(
 );
     reg [ROWS_AW:0] rows;
     reg [15:0] blocks;
-    reg first, last;
+    reg first, last, q4;
     reg [NC*25-1:0] route;
     always @(posedge clk) begin
         if (rst) begin
@@ -41,12 +42,13 @@ module flint_pe #(
             blocks <= 0;
             first <= 1'b1;
             last <= 1'b1;
+            q4 <= 1'b0;
             route <= 0;
         end else if (cfg_we) begin
             case (cfg_sel)
                 4'd0: rows <= cfg_data[ROWS_AW:0];
                 4'd1: blocks <= cfg_data[15:0];
-                4'd2: {last, first} <= cfg_data[1:0];
+                4'd2: {q4, last, first} <= cfg_data[2:0];
                 default: if (cfg_sel - 3 < NC) route[(cfg_sel-3)*25 +: 25] <= cfg_data[24:0];
             endcase
         end
@@ -78,7 +80,7 @@ module flint_pe #(
     flint_pe_core #(.NC(NC), .MEM_AW(MEM_AW), .ROWS_AW(ROWS_AW)) core (
         .clk(clk), .rst(rst), .go(go),
         .ld_we(ld_we), .ld_addr(ld_addr), .ld_data(ld_data),
-        .cfg_rows(rows), .cfg_blocks(blocks), .cfg_first(first), .cfg_last(last),
+        .cfg_rows(rows), .cfg_blocks(blocks), .cfg_first(first), .cfg_last(last), .cfg_q4(q4),
         .rx_valid(rx_valid), .rx_colour(rx_colour), .rx_data(rx_data), .rx_ready(rx_ready),
         .tx_valid(tx_valid), .tx_colour(tx_colour), .tx_data(tx_data), .tx_ready(tx_ready),
         .done(done), .stat_mac(stat_mac), .stat_cycles(stat_cycles)

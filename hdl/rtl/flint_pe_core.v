@@ -1,7 +1,10 @@
-// A PE's compute unit: holds its weight tile (rows x blocks of Q8_0, 9 words per block,
-// row-major) in local SRAM and consumes activation blocks as they arrive on colour 0: for
-// each block, every row's block product is formed (one 32-bit word, four int8 MACs, per
-// cycle) and added exactly into the row's 128-bit accumulator. Then the reduction: unless it
+// A PE's compute unit: holds its weight tile (rows x blocks, row-major) in local SRAM and
+// consumes activation blocks as they arrive on colour 0: for each block, every row's block
+// product is formed (one weight word a cycle) and added exactly into the row's 128-bit
+// accumulator. Weights are Q8_0 (9 words a block: 8 of four int8 values, four MACs a word,
+// then the f16 scale) or, with cfg_q4, Q4_1 as the model stores them (5 words: 4 of eight
+// nibbles, element 8i + j at bits 4j of word i, eight MACs a word, then {m, d} as f16s);
+// a Q4_1 block's product is T(sum q_w q_a; d, d_a) + T(sum q_a; m, d_a). Then the reduction: unless it
 // is first in its mesh row, it takes each row's partial sum from the west (colour 1, four
 // words, low first), adds its own, and sends it east (colour 1) or, last in the mesh row,
 // rounds it to f32 and sends the result (colour 2).
@@ -20,6 +23,7 @@ module flint_pe_core #(
     input  wire [15:0]       cfg_blocks,
     input  wire              cfg_first,
     input  wire              cfg_last,
+    input  wire              cfg_q4,
     input  wire              rx_valid,
     input  wire [1:0]        rx_colour,
     input  wire [31:0]       rx_data,
@@ -49,12 +53,17 @@ module flint_pe_core #(
     reg [MEM_AW-1:0] row_addr; // SRAM address of (row, blk), word 0
     reg [MEM_AW-1:0] stride;   // blocks * 9: from one row to the next
     reg signed [20:0] psum;
+    reg signed [20:0] asum;    // the activation block's sum of values (Q4_1's m term)
     reg [127:0] sum;
+    wire [3:0] bw = cfg_q4 ? 4'd5 : 4'd9; // words a weight block
 
     wire act_in = rx_valid && rx_colour == 2'd0 && rx_ready[0];
     wire part_in = rx_valid && rx_colour == 2'd1 && rx_ready[1];
     wire tx_fire = tx_valid && tx_ready[tx_colour];
-    wire [127:0] term = q8_term(psum, mem_q[15:0], abuf[8][15:0]);
+    wire [127:0] term = q8_term(psum, mem_q[15:0], abuf[8][15:0])
+                      + (cfg_q4 ? q8_term(asum, mem_q[31:16], abuf[8][15:0]) : 128'd0);
+    // Word k - 1 of the weight block (in mem_q) against its activation values.
+    wire signed [20:0] mac = cfg_q4 ? dot8n(mem_q, abuf[2*(k-1)], abuf[2*(k-1) + 1]) : dot4(mem_q, abuf[k-1]);
     wire last_row = row + 1'b1 == cfg_rows;
     // The row's total: the partial sum from the west (0 first in the mesh row) plus its own.
     wire [127:0] own = cfg_blocks == 0 ? 128'd0 : acc[row];
@@ -67,7 +76,7 @@ module flint_pe_core #(
         tx_valid = state == S_TX;
         tx_colour = cfg_last ? 2'd2 : 2'd1;
         tx_data = cfg_last ? acc_to_f32(total) : total[k*32 +: 32];
-        rd_addr = (k == 4'd9) ? row_addr + stride : row_addr + k;
+        rd_addr = (k == bw) ? row_addr + stride : row_addr + k;
     end
 
     always @(posedge clk) begin
@@ -89,7 +98,7 @@ module flint_pe_core #(
             row <= 0;
             blk <= 0;
             row_addr <= 0;
-            stride <= cfg_blocks * 9;
+            stride <= cfg_blocks * bw;
             sum <= 0;
             stat_mac <= 0;
             stat_cycles <= 0;
@@ -99,6 +108,9 @@ module flint_pe_core #(
             case (state)
                 S_ACT: if (act_in) begin
                     abuf[k] <= rx_data;
+                    if (k != 8)
+                        asum <= (k == 0 ? 21'sd0 : asum) + $signed(rx_data[7:0]) + $signed(rx_data[15:8])
+                              + $signed(rx_data[23:16]) + $signed(rx_data[31:24]);
                     if (k == 8) begin
                         k <= 0;
                         row <= 0;
@@ -109,18 +121,18 @@ module flint_pe_core #(
                 end
                 S_MAC: begin
                     // Cycle k reads word k; mem_q holds word k-1.
-                    if (k >= 1 && k <= 8) begin
-                        psum <= (k == 1 ? 21'sd0 : psum) + dot4(mem_q, abuf[k-1]);
+                    if (k >= 1 && k < bw) begin
+                        psum <= (k == 1 ? 21'sd0 : psum) + mac;
                         stat_mac <= stat_mac + 1;
                     end
-                    if (k == 9) begin
+                    if (k == bw) begin
                         // mem_q is the weight block's scale: the row's term is complete.
                         acc[row] <= (blk == 0 ? 128'd0 : acc[row]) + term;
                         if (last_row) begin
                             k <= 0;
                             row <= 0;
                             blk <= blk + 1'b1;
-                            row_addr <= (blk + 1'b1) * 9;
+                            row_addr <= (blk + 1'b1) * bw;
                             if (blk + 1'b1 == cfg_blocks)
                                 state <= cfg_first ? S_TX : S_RX;
                             else

@@ -7,7 +7,7 @@ use super::model_path;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use flint::generate::Request;
-use flint::hdl::layer::{Golden, GoldenCache, LayerTrace};
+use flint::hdl::layer::{Golden, GoldenCache, LayerTrace, WMatrix};
 use flint::hdl::{self, Block};
 use flint::sampler::SamplerConfig;
 use flint::tokenizer::Message;
@@ -31,6 +31,10 @@ pub enum HdlCmd {
         /// Activations: this token's RMS-normalised embedding (needs --model); default random.
         #[arg(long, requires = "model")]
         token: Option<usize>,
+        /// Keep --tensor's weights as the model stores them (Q8_0 or Q4_1) instead of
+        /// re-quantizing them to Q8_0; the expected outputs are then the layer contract's GEMV.
+        #[arg(long, requires = "tensor")]
+        as_stored: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[arg(long)]
@@ -88,7 +92,13 @@ pub enum LayerInput {
 
 pub fn run(cmd: HdlCmd) -> Result<()> {
     match cmd {
-        HdlCmd::Vectors { model, tensor, synthetic, token, seed, out } => vectors(model, tensor, synthetic, token, seed, &out),
+        HdlCmd::Vectors { model, tensor, synthetic, token, as_stored, seed, out } => {
+            if as_stored {
+                stored_vectors(&model.context("--as-stored needs --model")?, &tensor.context("--as-stored needs --tensor")?, token, seed, &out)
+            } else {
+                vectors(model, tensor, synthetic, token, seed, &out)
+            }
+        }
         HdlCmd::Layer { model, layer, position, terms, input, text, out } => layer_vectors(&model_path(&model)?, layer, position, terms, input, &text, &out),
         HdlCmd::Generate { model, prompt, max_tokens, terms } => generate(&model_path(&model)?, &prompt, max_tokens, terms),
     }
@@ -117,6 +127,26 @@ fn vectors(model: Option<PathBuf>, tensor: Option<String>, synthetic: Option<Str
     }
     let y = hdl::write_vectors(out, &w, &x, seed)?;
     println!("{} rows x {} blocks ({} values per row) -> {} (first outputs: {:?})", w.rows, w.nb, w.nb * hdl::QK, out.display(), &y[..y.len().min(4)]);
+    Ok(())
+}
+
+/// A GEMV's vectors with the tensor's weights as stored: the mesh's Q8_0 or Q4_1 words and
+/// the layer contract's GEMV (`gemv_w`) as the expected outputs.
+fn stored_vectors(model: &Path, tensor: &str, token: Option<usize>, seed: u64, out: &Path) -> Result<()> {
+    let g = flint::gguf::Gguf::open(model)?;
+    let t = g.tensor(tensor).with_context(|| format!("tensor {tensor} is not in {}", model.display()))?;
+    let w = WMatrix::from_tensor(&g, t)?;
+    let (ty, words) = w.mesh_words()?;
+    let x = match token {
+        Some(tok) => hdl::embedding_activation(&g, tok)?,
+        None => hdl::quantize_q8(&hdl::uniform(w.nb * hdl::QK, seed ^ 0x5eed))?,
+    };
+    if x.len() != w.nb {
+        bail!("the activation has {} blocks; the matrix rows have {}", x.len(), w.nb);
+    }
+    let y = flint::hdl::layer::gemv_w(&w, &x)?;
+    hdl::write_gemv(out, (w.rows, w.nb, ty), words.into_iter(), &x, &y, seed)?;
+    println!("{} rows x {} {} blocks -> {} (first outputs: {:?})", w.rows, w.nb, w.ty, out.display(), &y[..y.len().min(4)]);
     Ok(())
 }
 

@@ -76,6 +76,28 @@ impl WMatrix {
     }
 }
 
+impl WMatrix {
+    /// The blocks as the mesh's PEs hold them, with the `meta.hex` type word: Q8_0 in 9 words
+    /// (type 0); Q4_1 in 5 (type 1): 4 words of eight nibbles (element 8i + j at bits 4j of
+    /// word i), then `m << 16 | d`. Q4_0 is not a mesh type.
+    pub fn mesh_words(&self) -> Result<(u32, Vec<u32>)> {
+        match self.ty {
+            GgmlType::Q8_0 => Ok((0, self.blocks.iter().flat_map(|b| Block { d: b.d, qs: b.qs }.words()).collect())),
+            GgmlType::Q4_1 => Ok((
+                1,
+                self.blocks
+                    .iter()
+                    .flat_map(|b| {
+                        let nib = |i: usize| (0..8).fold(0u32, |w, j| w | ((b.qs[8 * i + j] as u32 & 15) << (4 * j)));
+                        [nib(0), nib(1), nib(2), nib(3), (b.m as u32) << 16 | b.d as u32]
+                    })
+                    .collect(),
+            )),
+            ty => bail!("the mesh's PEs take Q8_0 and Q4_1 weights, not {ty}"),
+        }
+    }
+}
+
 /// GGML's nibble order: element j in the low nibble of byte j, element j + 16 in the high.
 fn nibbles(b: &[u8], offset: i8) -> [i8; QK] {
     let mut qs = [0i8; QK];

@@ -220,12 +220,19 @@ fn write_hex(path: &Path, words: impl Iterator<Item = u32>) -> Result<()> {
 /// `round.hex` (a 128-bit accumulator, its f32) on edge cases and random values, and the
 /// floating-point bench's `fp_meta.hex` (the case count) and `fp.hex` (`numerics::fp_cases`).
 pub fn write_vectors(dir: &Path, w: &Matrix, x: &[Block], seed: u64) -> Result<Vec<f32>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let y = gemv(w, x)?;
+    write_gemv(dir, (w.rows, w.nb, 0), w.blocks.iter().flat_map(|b| b.words()), x, &y, seed)?;
+    Ok(y)
+}
+
+/// [`write_vectors`] for weights already in the mesh's words: `shape` is (rows, blocks per
+/// row, weight type: 0 Q8_0, 9 words a block; 1 Q4_1, 5 words), the fifth word of `meta.hex`.
+pub fn write_gemv(dir: &Path, shape: (usize, usize, u32), weights: impl Iterator<Item = u32>, x: &[Block], y: &[f32], seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (pairs, accs) = unit_cases(seed)?;
-    let meta = [w.rows as u32, w.nb as u32, pairs.len() as u32, accs.len() as u32];
+    let meta = [shape.0 as u32, shape.1 as u32, pairs.len() as u32, accs.len() as u32, shape.2];
     write_hex(&dir.join("meta.hex"), meta.into_iter())?;
-    write_hex(&dir.join("weights.hex"), w.blocks.iter().flat_map(|b| b.words()))?;
+    write_hex(&dir.join("weights.hex"), weights)?;
     write_hex(&dir.join("acts.hex"), x.iter().flat_map(|b| b.words()))?;
     write_hex(&dir.join("expected.hex"), y.iter().map(|v| v.to_bits()))?;
     let words128 = |v: i128| (0..4).map(move |i| (v as u128 >> (32 * i)) as u32);
@@ -237,7 +244,7 @@ pub fn write_vectors(dir: &Path, w: &Matrix, x: &[Block], seed: u64) -> Result<V
     let fp = numerics::fp_cases(seed);
     write_hex(&dir.join("fp_meta.hex"), std::iter::once(fp.len() as u32))?;
     write_hex(&dir.join("fp.hex"), fp.iter().flatten().copied())?;
-    Ok(y)
+    Ok(())
 }
 
 /// Block pairs and accumulator values for the unit benches: extremes of the int8 range,
