@@ -28,8 +28,12 @@ HOP_CYCLES = 1            # cycles per mesh hop between regions
 # Not modelled: sampling beyond the argmax, host I/O, the prompt (prefill).
 CEREBRAS_LLAMA31_8B_TOK_S = 1800  # Cerebras's published Llama 3.1 8B decode figure (about)
 
-WORDS_PER_BLOCK = 9
-BLOCKS_PER_PE = int(SRAM_BYTES * WEIGHT_SHARE / 4 / WORDS_PER_BLOCK)
+# Weight types on the mesh, by words a block (the STATS lines' BW): Q8_0 9, Q4_1 5.
+WEIGHT_TYPES = {9: "Q8_0", 5: "Q4_1"}
+
+
+def blocks_per_pe(bw):
+    return int(SRAM_BYTES * WEIGHT_SHARE / 4 / bw)
 
 
 def load(path, tag):
@@ -49,25 +53,36 @@ def features(R, C, M, NB):
     return [rows_pe * nb_pe, nb_pe, rows_pe, R + C, 1.0]
 
 
-def fit(stats):
+def fit(stats, base=None):
+    """Least squares of the features; with `base` (the Q8_0 fit), only the block-row term is
+    fitted and the rest taken from it: another weight type changes the words a block-row
+    reads, not the activation stream or the reduction."""
     X = np.array([features(s["R"], s["C"], s["M"], s["NB"]) for s in stats], dtype=float)
     y = np.array([s["cycles"] for s in stats], dtype=float)
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    if base is None:
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    else:
+        rest = y - X[:, 1:] @ np.array(base[1:])
+        a = float(X[:, 0] @ rest / (X[:, 0] @ X[:, 0]))
+        coef = np.array([a, *base[1:]])
     pred = X @ coef
     err = np.abs(pred - y) / y
     return coef, err
 
 
 @functools.lru_cache(maxsize=None)
-def gemv_cycles(coef, M, NB, pes):
-    """Best rectangle of at most `pes` PEs for an M x NB-block matrix (weights must fit)."""
+def gemv_cycles(w, M, NB, pes):
+    """Best rectangle of at most `pes` PEs for an M x NB-block matrix (weights must fit);
+    `w` is (the fitted coefficients, words a weight block)."""
+    coef, bw = w
+    bpp = blocks_per_pe(bw)
     best = None
-    need = math.ceil(M * NB / BLOCKS_PER_PE)
+    need = math.ceil(M * NB / bpp)
     if need > pes:
         return None
     for R in sorted({max(1, min(M, int(M / k))) for k in range(1, 4096)} | {1, M}):
         C = max(1, min(NB, pes // R))
-        if math.ceil(M / R) * math.ceil(NB / C) > BLOCKS_PER_PE:
+        if math.ceil(M / R) * math.ceil(NB / C) > bpp:
             continue
         cyc = float(np.dot(coef, features(R, C, M, NB))) + HOP_CYCLES * math.sqrt(R * C)
         if best is None or cyc < best[0]:
@@ -110,7 +125,7 @@ def tree(p, words):
     return words + math.ceil(math.log2(p)) * (HOP_CYCLES + 1) if p > 1 else 0
 
 
-def project_layer(coef, fill, attn, name, m, ctx, terms, attn_share):
+def project_layer(w, fill, attn, name, m, ctx, terms, attn_share):
     """One token's cycles through the whole model at context `ctx`; None if it does not fit."""
     layers, d, ff, kv, heads, hd, vocab = m
     mats = {"q": (heads * hd, d), "k": (kv, d), "v": (kv, d), "o": (d, heads * hd), "gate": (ff, d), "up": (ff, d), "down": (d, ff)}
@@ -118,8 +133,8 @@ def project_layer(coef, fill, attn, name, m, ctx, terms, attn_share):
     gemv_pes = PES * (1 - attn_share)
     share = lambda a, b: max(1, int(gemv_pes * a * b / total))
     # Two terms: every activation block twice against its weight block.
-    t = {k: gemv_cycles(coef, a, terms * b // 32, share(a, b)) for k, (a, b) in mats.items()}
-    head = gemv_cycles(coef, vocab, terms * d // 32, share(vocab, d))
+    t = {k: gemv_cycles(w, a, terms * b // 32, share(a, b)) for k, (a, b) in mats.items()}
+    head = gemv_cycles(w, vocab, terms * d // 32, share(vocab, d))
     if any(v is None for v in t.values()) or head is None:
         return None
     # The attention PEs of a KV head, and its cache slice per PE.
@@ -158,32 +173,32 @@ def project_layer(coef, fill, attn, name, m, ctx, terms, attn_share):
 ATTN_SHARES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
-def project(coef, fill, attn, name, m, ctx, terms):
+def project(w, fill, attn, name, m, ctx, terms):
     """The best split of the PEs between the GEMV regions and attention, and its figures."""
     best = None
     for share in ATTN_SHARES:
-        r = project_layer(coef, fill, attn, name, m, ctx, terms, share)
+        r = project_layer(w, fill, attn, name, m, ctx, terms, share)
         if r and (best is None or r[0] < best[1][0]):
             best = (share, r)
     if best is None:
-        print(f"  {name} at {ctx:,} positions, {terms} term(s): does not fit {PES:,} PEs")
+        print(f"  {name}, {WEIGHT_TYPES[w[1]]} weights, at {ctx:,} positions, {terms} term(s): does not fit {PES:,} PEs")
         return None
     share, (cycles, parts, layer, per_kvh, cache_bytes) = best
     tok_s = CLOCK_HZ / cycles
     detail = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items())
-    print(f"  {name} at {ctx:,} positions, {terms} term(s): {tok_s:,.0f} tok/s ({cycles:,.0f} cycles a token; "
+    print(f"  {name}, {WEIGHT_TYPES[w[1]]} weights, at {ctx:,} positions, {terms} term(s): {tok_s:,.0f} tok/s ({cycles:,.0f} cycles a token; "
           f"{int(share * 100)}% of the PEs for attention, {per_kvh:,} a KV head, {cache_bytes / 1024:.1f} KB of cache each); "
           f"a layer {layer:,.0f} cycles: {detail}")
     return tok_s
 
 
-def gemv_only(coef, name, m):
+def gemv_only(w, name, m):
     """The earlier projection (GEMVs only, all PEs for weights), for comparison."""
     layers, d, ff, kv, heads, hd, vocab = m
     mats = [(heads * hd, d), (kv, d), (kv, d), (d, heads * hd), (ff, d), (ff, d), (d, ff)]
     total = layers * sum(a * b for a, b in mats) + vocab * d
-    t = [gemv_cycles(coef, a, b // 32, max(1, int(PES * a * b / total)))[0] for a, b in mats]
-    head = gemv_cycles(coef, vocab, d // 32, max(1, int(PES * vocab * d / total)))[0]
+    t = [gemv_cycles(w, a, b // 32, max(1, int(PES * a * b / total)))[0] for a, b in mats]
+    head = gemv_cycles(w, vocab, d // 32, max(1, int(PES * vocab * d / total)))[0]
     cycles = layers * (max(t[0:3]) + t[3] + max(t[4:6]) + t[6]) + head
     return CLOCK_HZ / cycles
 
@@ -198,21 +213,28 @@ MODELS = {
 def main():
     stats = load(sys.argv[1], "STATS")
     units = load(sys.argv[1], "UNIT")
-    if len(stats) < 6:
-        sys.exit(f"need at least 6 STATS lines in {sys.argv[1]}, found {len(stats)}")
-    coef, err = fit(stats)
-    coef = tuple(float(c) for c in coef)
-    print("fitted GEMV cycles = %.3f * rows_pe*blocks_pe + %.3f * blocks_pe + %.3f * rows_pe + %.3f * (R + C) + %.1f"
-          % tuple(coef))
-    print(f"fit over {len(stats)} simulated GEMVs: mean |error| {100 * err.mean():.1f}%, max {100 * err.max():.1f}%")
-    for s in stats:
-        util = s["mac"] / (s["cycles"] * s["R"] * s["C"])
-        print(f"  {s['R']}x{s['C']} mesh, {s['M']}x{s['NB'] * 32}: {s['cycles']} cycles, PE utilization {util:.3f}")
+    weights = {}
+    for bw, label in WEIGHT_TYPES.items():  # Q8_0 first: the other types' fits build on it
+        st = [x for x in stats if x.get("BW", 9) == bw]
+        if len(st) < 6:
+            if bw == 9:
+                sys.exit(f"need at least 6 Q8_0 STATS lines in {sys.argv[1]}, found {len(st)}")
+            print(f"{label}: {len(st)} STATS lines, fewer than the 6 a fit needs")
+            continue
+        coef, err = fit(st, None if bw == 9 else weights[9][0])
+        weights[bw] = (tuple(float(c) for c in coef), bw)
+        print(f"fitted {label} GEMV cycles = %.3f * rows_pe*blocks_pe + %.3f * blocks_pe + %.3f * rows_pe + %.3f * (R + C) + %.1f"
+              % tuple(coef))
+        print(f"fit over {len(st)} simulated GEMVs: mean |error| {100 * err.mean():.1f}%, max {100 * err.max():.1f}%")
+        for x in st:
+            util = x["mac"] / (x["cycles"] * x["R"] * x["C"])
+            print(f"  {x['R']}x{x['C']} mesh, {x['M']}x{x['NB'] * 32}: {x['cycles']} cycles, PE utilization {util:.3f}")
+
     print(f"assumptions: {PES:,} PEs, {SRAM_BYTES // 1024} KB SRAM each, {int(WEIGHT_SHARE * 100)}% for weights "
-          f"({BLOCKS_PER_PE} Q8_0 blocks) or {int(KV_SHARE * 100)}% for KV cache, {CLOCK_HZ / 1e9:.1f} GHz, "
-          f"{HOP_CYCLES} cycle per hop, 4 int8 MACs per PE per cycle")
+          f"({blocks_per_pe(9)} Q8_0 or {blocks_per_pe(5)} Q4_1 blocks) or {int(KV_SHARE * 100)}% for KV cache, "
+          f"{CLOCK_HZ / 1e9:.1f} GHz, {HOP_CYCLES} cycle per hop, one weight word a PE per cycle")
     for name, m in MODELS.items():
-        print(f"GEMVs only (attention, norms, transfers left out): {name} {gemv_only(coef, name, m):,.0f} tok/s")
+        print(f"GEMVs only, Q8_0 (attention, norms, transfers left out): {name} {gemv_only(weights[9], name, m):,.0f} tok/s")
     if not units:
         print("no UNIT lines (make perf MODEL=...): the whole-layer projection needs the units' cycles")
         return
@@ -224,14 +246,17 @@ def main():
               f"(fit over {npts} caches, max |error| {100 * e:.2f}%)")
     print("the whole model, one token:")
     tok = {}
-    for name, ctxs in [("SmolLM2-135M", [1024, 8192, 131072]), ("Llama-3.1-8B", [1024, 8192, 131072])]:
-        for ctx in ctxs:
-            for terms in sorted(attn):
-                tok[(name, ctx, terms)] = project(coef, fill, attn, name, MODELS[name], ctx, terms)
-    t8 = tok.get(("Llama-3.1-8B", 1024, 1))
-    if t8:
-        print(f"Cerebras's published Llama 3.1 8B figure: about {CEREBRAS_LLAMA31_8B_TOK_S} tok/s; this design's "
-              f"whole-layer projection at 1k positions, plain Q8_0, is {t8 / CEREBRAS_LLAMA31_8B_TOK_S:.2f}x that")
+    for w in weights.values():
+        for name in MODELS:
+            for ctx in [1024, 8192, 131072]:
+                for terms in sorted(attn):
+                    tok[(w[1], name, ctx, terms)] = project(w, fill, attn, name, MODELS[name], ctx, terms)
+    for bw, label in WEIGHT_TYPES.items():
+        t8 = tok.get((bw, "Llama-3.1-8B", 1024, 1))
+        if t8:
+            print(f"Cerebras's published Llama 3.1 8B figure: about {CEREBRAS_LLAMA31_8B_TOK_S} tok/s; this design's "
+                  f"whole-layer projection at 1k positions, {label} weights, plain Q8_0 activations, is "
+                  f"{t8 / CEREBRAS_LLAMA31_8B_TOK_S:.2f}x that")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ module tb_mesh;
                     tot_xfer[31:0], tot_xfer[63:32], tot_xfer[95:64],
                     tot_xfer[31:0] * 1.0 / (links * tot_cycles), tot_xfer[63:32] * 1.0 / (links * tot_cycles), tot_xfer[95:64] * 1.0 / (links * tot_cycles),
                     tot_stall);
-                $display("STATS R=%0d C=%0d M=%0d NB=%0d cycles=%0d mac=%0d x0=%0d x1=%0d x2=%0d stall=%0d", R, C, M, NB, tot_cycles, tot_mac, tot_xfer[31:0], tot_xfer[63:32], tot_xfer[95:64], tot_stall);
+                $display("STATS R=%0d C=%0d M=%0d NB=%0d BW=%0d cycles=%0d mac=%0d x0=%0d x1=%0d x2=%0d stall=%0d", R, C, M, NB, BW, tot_cycles, tot_mac, tot_xfer[31:0], tot_xfer[63:32], tot_xfer[95:64], tot_stall);
                 if (errors == 0) $display("PASS");
                 else $display("FAIL: %0d mismatches", errors);
                 $finish;
