@@ -6,7 +6,7 @@ module tb_numeric;
     `include "flint_numeric.vh"
     reg [31:0] T [0:4095];
     reg [31:0] Q [0:4095];
-    reg [31:0] M [0:3];
+    reg [31:0] M [0:4];
     integer i, k, n_terms, n_round, errors;
     reg signed [20:0] psum;
     reg [127:0] want, got, acc;
