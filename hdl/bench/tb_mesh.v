@@ -10,6 +10,7 @@ module tb_mesh;
     parameter C = 2;
     parameter MEM_AW = 14;
     parameter ROWS_AW = 8;
+    parameter ACT_AW = 9;
     localparam NC = 3;
 
     reg clk = 0;
@@ -38,7 +39,7 @@ module tb_mesh;
     wire [31:0] tot_mac, tot_cycles, tot_stall;
     wire [NC*32-1:0] tot_xfer;
 
-    flint_mesh #(.R(R), .C(C), .NC(NC), .MEM_AW(MEM_AW), .ROWS_AW(ROWS_AW)) dut (
+    flint_mesh #(.R(R), .C(C), .NC(NC), .MEM_AW(MEM_AW), .ROWS_AW(ROWS_AW), .ACT_AW(ACT_AW)) dut (
         .clk(clk), .rst(rst), .go(go),
         .ld_we(ld_we), .ld_pe(ld_pe), .ld_addr(ld_addr), .ld_data(ld_data),
         .cfg_we(cfg_we), .cfg_pe(cfg_pe), .cfg_sel(cfg_sel), .cfg_data(cfg_data),
@@ -78,7 +79,7 @@ module tb_mesh;
         $readmemh("expected.hex", Y, 0, M - 1);
         if (!$value$plusargs("seed=%d", seed)) seed = 1;
         if (!$value$plusargs("stall=%d", stall_pct)) stall_pct = 0;
-        if ((M + R - 1) / R > (1 << ROWS_AW) || ((M + R - 1) / R) * ((NB + C - 1) / C) * BW > (1 << MEM_AW)) begin
+        if ((M + R - 1) / R > (1 << ROWS_AW) || ((NB + C - 1) / C) * 9 > (1 << ACT_AW) || ((M + R - 1) / R) * ((NB + C - 1) / C) * BW > (1 << MEM_AW)) begin
             $display("FAIL: a %0d x %0d-block matrix does not fit a %0dx%0d mesh of this size", M, NB, R, C);
             $finish;
         end

@@ -7,7 +7,8 @@ module flint_mesh #(
     parameter C = 2,
     parameter NC = 3,
     parameter MEM_AW = 12,
-    parameter ROWS_AW = 6
+    parameter ROWS_AW = 6,
+    parameter ACT_AW = 9
 ) (
     input  wire              clk,
     input  wire              rst,
@@ -106,7 +107,7 @@ module flint_mesh #(
                     assign orr[(I*4 + 0)*NC +: NC] = ir[((I-C)*4 + 2)*NC +: NC];
                 end
 
-                flint_pe #(.NC(NC), .MEM_AW(MEM_AW), .ROWS_AW(ROWS_AW)) pe (
+                flint_pe #(.NC(NC), .MEM_AW(MEM_AW), .ROWS_AW(ROWS_AW), .ACT_AW(ACT_AW)) pe (
                     .clk(clk), .rst(rst), .go(go),
                     .ld_we(ld_we && ld_pe == I), .ld_addr(ld_addr), .ld_data(ld_data),
                     .cfg_we(cfg_we && cfg_pe == I), .cfg_sel(cfg_sel), .cfg_data(cfg_data),

@@ -222,6 +222,17 @@ fn write_layer(dir: &Path, golden: &Golden, layer: usize, position: usize, cache
     }
     hex("k_cache.hex", &mut blocks(&cache.k[layer]).into_iter())?;
     hex("v_cache.hex", &mut blocks(&cache.v[layer]).into_iter())?;
+    // The layer's seven weight matrices as the mesh stores them, one after the other, and
+    // (rows, blocks a row, type: 0 Q8_0, 1 Q4_1) for each, for the whole-layer bench.
+    let mut wmeta = Vec::new();
+    let mut words = Vec::new();
+    for w in [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down] {
+        let (ty, mw) = w.mesh_words()?;
+        wmeta.extend([w.rows as u32, w.nb as u32, ty]);
+        words.extend(mw);
+    }
+    hex("layer_wmeta.hex", &mut wmeta.into_iter())?;
+    hex("layer_w.hex", &mut words.into_iter())?;
     Ok(())
 }
 
